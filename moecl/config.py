@@ -1,0 +1,190 @@
+"""Run configuration: typed dataclasses read strictly from YAML.
+
+Every key is checked before anything expensive happens, so a typo in a config fails in a second
+with the file and the key named, instead of after an hour of training with a default silently used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "mtl")
+HEADS = ("lm", "classifier")
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the file and the offending key."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(FFN_PROJECTIONS))
+
+
+@dataclass
+class AdversarialConfig:
+    weight: float = 0.1
+
+
+@dataclass
+class MemoryConfig:
+    """Examples kept from each finished task: the discriminator's view of old tasks (moecl)
+    or the rehearsal buffer (replay). `per_batch` of them join every training batch."""
+    per_task: int = 16
+    per_batch: int = 2
+
+
+@dataclass
+class OLoraConfig:
+    weight: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 2e-4
+    max_length: int = 128
+    max_per_label: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    max_per_label: int | None = None
+    batch_size: int = 8
+    forward_transfer: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    data: str
+    instruction: str | None = None
+
+
+@dataclass
+class Config:
+    tasks: list[TaskConfig]
+    backbone: str = "smollm2-135m-instruct"
+    method: str = "moecl"
+    head: str = "lm"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    olora: OLoraConfig = field(default_factory=OLoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "lora": LoraConfig,
+    "adversarial": AdversarialConfig,
+    "memory": MemoryConfig,
+    "olora": OLoraConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _build(cls, raw: Any, where: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}' (allowed: {', '.join(sorted(names))})")
+    try:
+        return cls(**raw)
+    except TypeError as err:
+        raise ConfigError(f"{source}: '{where}': {err}") from None
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    path = Path(os.path.expandvars(os.path.expanduser(value)))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Build and check a Config; relative task folders are taken from `base_dir`."""
+    base_dir = base_dir or Path.cwd()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    top = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(top))})")
+    if not raw.get("tasks"):
+        raise ConfigError(f"{source}: 'tasks' must list at least one task")
+    if not isinstance(raw["tasks"], list):
+        raise ConfigError(f"{source}: 'tasks' must be a list of {{name, data}}")
+    tasks = []
+    for i, item in enumerate(raw["tasks"]):
+        task = _build(TaskConfig, item, f"tasks[{i}]", source)
+        task.data = _resolve_path(task.data, base_dir)
+        tasks.append(task)
+    names = [t.name for t in tasks]
+    bad = [n for n in names if not _TASK_NAME.fullmatch(n) or n == "shared"]
+    if bad:
+        raise ConfigError(f"{source}: task name '{bad[0]}' must match {_TASK_NAME.pattern} and not be 'shared'")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: task names must be unique, got {names}")
+    sections = {key: _build(cls, raw[key], key, source) for key, cls in _SECTIONS.items() if key in raw}
+    plain = {k: raw[k] for k in ("backbone", "method", "head") if k in raw}
+    cfg = Config(tasks=tasks, **plain, **sections)
+    if (base_dir / cfg.backbone).is_dir():  # a local model folder, given relative to the config
+        cfg.backbone = str((base_dir / cfg.backbone).resolve())
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: Config, source: str) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"{source}: method '{cfg.method}' is not one of {', '.join(METHODS)}")
+    if cfg.head not in HEADS:
+        raise ConfigError(f"{source}: head '{cfg.head}' is not one of {', '.join(HEADS)}")
+    if cfg.lora.r < 1 or not cfg.lora.targets:
+        raise ConfigError(f"{source}: lora needs r >= 1 and at least one target")
+    if cfg.method.startswith("moecl") and not set(cfg.lora.targets) & set(FFN_PROJECTIONS):
+        raise ConfigError(
+            f"{source}: method {cfg.method} needs an FFN projection ({', '.join(FFN_PROJECTIONS)}) in lora.targets: "
+            "the discriminator reads the shared expert's FFN output")
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.max_length >= 16, "train.max_length must be >= 16"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (cfg.memory.per_task >= 0 and cfg.memory.per_batch >= 0, "memory sizes must be >= 0"),
+        (cfg.adversarial.weight >= 0, "adversarial.weight must be >= 0"),
+        (not (cfg.eval.forward_transfer and cfg.head == "classifier"),
+         "eval.forward_transfer needs head 'lm': an untrained classifier head has no baseline accuracy"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(raw, source=str(path), base_dir=path.parent.resolve())

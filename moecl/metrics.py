@@ -1,0 +1,78 @@
+"""Continual-learning metrics over the accuracy matrix R (R[i][j]: accuracy on task j after task i).
+
+Rows are lower-triangular: row i holds tasks 0..i. All values are fractions in [0, 1].
+- AA: mean of the last row.
+- BWT: mean over j < T-1 of R[T-1][j] - R[j][j] (negative = forgetting).
+- forgetting[j]: best accuracy task j ever had before the end minus its final accuracy.
+- FWT: mean over j >= 1 of R'[j-1][j] - b[j], where R'[j-1][j] is task j's accuracy just before it
+  is trained and b[j] the untrained backbone's accuracy on it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def average_accuracy(matrix: list[list[float]]) -> float:
+    last = matrix[-1]
+    return sum(last) / len(last)
+
+
+def backward_transfer(matrix: list[list[float]]) -> float | None:
+    final = matrix[-1]
+    if len(matrix) < 2:
+        return None
+    return sum(final[j] - matrix[j][j] for j in range(len(matrix) - 1)) / (len(matrix) - 1)
+
+
+def forgetting(matrix: list[list[float]]) -> list[float]:
+    final = matrix[-1]
+    return [max(matrix[i][j] for i in range(j, len(matrix) - 1)) - final[j] for j in range(len(matrix) - 1)]
+
+
+def forward_transfer(before_training: list[float], baseline: list[float]) -> float | None:
+    """`before_training[j]`: task j's accuracy right before it was trained; `baseline[j]`: untrained."""
+    pairs = list(zip(before_training, baseline))[1:]
+    if not pairs:
+        return None
+    return sum(b - z for b, z in pairs) / len(pairs)
+
+
+def summarise(tasks: list[str], matrix: list[list[float]], before_training: list[float] | None = None,
+              baseline: list[float] | None = None) -> dict:
+    summary = {
+        "tasks": tasks,
+        "accuracy_matrix": matrix,
+        "aa": average_accuracy(matrix),
+        "bwt": backward_transfer(matrix),
+        "forgetting": dict(zip(tasks, forgetting(matrix))),
+        "fwt": None,
+    }
+    if before_training is not None and baseline is not None:
+        summary.update(before_training=before_training, baseline=baseline,
+                       fwt=forward_transfer(before_training, baseline))
+    return summary
+
+
+def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title: str) -> None:
+    """Accuracy matrix as a heatmap PNG; cells not yet evaluated stay blank."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(matrix), len(tasks)), np.nan)
+    for i, row in enumerate(matrix):
+        grid[i, : len(row)] = row
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 0.9 * len(matrix) + 1.5))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), [f"after {t}" for t in tasks[: len(matrix)]] if len(matrix) > 1 else ["after all"])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+    ax.set_xlabel("evaluated task")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

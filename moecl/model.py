@@ -1,0 +1,207 @@
+"""The continual model: a frozen backbone with expert-carrying modules injected in place.
+
+Base weights are never copied: wrapped modules hold references to the original projections, and
+only adapter tensors (experts, gates, discriminators, heads) are trainable or saved.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FFN_PROJECTIONS, LoraConfig
+from .experts import SHARED, ExpertModule, MoEFeedForward, MoELinear, Routing
+
+METHOD_ROUTING = {
+    "moecl": "gated", "moecl-nogan": "gated", "seq-lora": "shared", "replay": "shared", "mtl": "shared",
+    "inc-lora": "task", "olora": "sum",
+}
+IGNORE = -100
+
+
+def _is_gated_ffn(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, p, None), nn.Linear) for p in FFN_PROJECTIONS) and hasattr(module, "act_fn")
+
+
+def inject_experts(backbone: nn.Module, routing: Routing, lora: LoraConfig) -> list[ExpertModule]:
+    """Replace every targeted module of the backbone by its expert-carrying wrapper."""
+    lora_args = (lora.r, lora.alpha, lora.dropout)
+    ffn_targets = [t for t in lora.targets if t in FFN_PROJECTIONS]
+    other_targets = set(lora.targets) - set(ffn_targets)
+    replacements: list[tuple[nn.Module, str, ExpertModule]] = []
+    for name, module in backbone.named_modules():
+        for child_name, child in module.named_children():
+            if ffn_targets and _is_gated_ffn(child):
+                replacements.append((module, child_name, MoEFeedForward(child, routing, ffn_targets, lora_args)))
+            elif child_name in other_targets and isinstance(child, nn.Linear) and not _is_gated_ffn(module):
+                replacements.append((module, child_name, MoELinear(child, routing, lora_args)))
+    if not replacements:
+        raise ValueError(f"lora.targets {lora.targets} matched no module of the backbone")
+    for parent, child_name, wrapper in replacements:
+        setattr(parent, child_name, wrapper)
+    return [wrapper for _, _, wrapper in replacements]
+
+
+class ContinualModel(nn.Module):
+    """Backbone + experts for a growing list of tasks, with one routing policy per method."""
+
+    def __init__(self, backbone, tokenizer, method: str, lora: LoraConfig, head: str = "lm"):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.method = method
+        self.head = head
+        self.routing = Routing(mode=METHOD_ROUTING[method])
+        self.wrapped = nn.ModuleList(inject_experts(backbone, self.routing, lora))
+        self.heads = nn.ModuleDict()
+        self.tasks: list[str] = []
+        self.labels: dict[str, list[str]] = {}
+        if self.uses_shared_expert:
+            for module in self.wrapped:
+                module.add_expert(SHARED)
+
+    @property
+    def uses_shared_expert(self) -> bool:
+        return self.routing.mode in ("gated", "shared")
+
+    @property
+    def uses_task_experts(self) -> bool:
+        return self.routing.mode in ("gated", "task", "sum")
+
+    @property
+    def has_discriminator(self) -> bool:
+        return self.routing.mode == "gated"
+
+    def add_task(self, name: str, labels: list[str]) -> None:
+        if name in self.labels:
+            raise ValueError(f"task '{name}' is already in the model")
+        self.tasks.append(name)
+        self.labels[name] = list(labels)
+        if self.uses_task_experts:
+            for module in self.wrapped:
+                module.add_expert(name)
+            self.routing.task_experts = list(self.tasks)
+        if self.has_discriminator:
+            for module in self.ffn_modules():
+                module.grow_discriminator(len(self.tasks))
+        if self.head == "classifier":
+            hidden = self.backbone.get_input_embeddings().embedding_dim
+            self.heads[name] = nn.Linear(hidden, len(labels)).to(self.device)
+
+    def ffn_modules(self) -> list[MoEFeedForward]:
+        return [m for m in self.wrapped if isinstance(m, MoEFeedForward)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    def prepare_training(self, tasks: list[str]) -> list[nn.Parameter]:
+        """Freeze every adapter tensor, then unfreeze what training `tasks` may change:
+        the shared expert, these tasks' experts, gates, discriminators and these tasks' heads."""
+        for module in self.wrapped:
+            for name, param in module.named_parameters():
+                param.requires_grad_(not name.startswith("base."))
+                if name.startswith("experts."):
+                    expert = name.split(".")[1]
+                    param.requires_grad_(expert == SHARED or expert in tasks)
+        for name, head in self.heads.items():
+            head.requires_grad_(name in tasks)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def route(self, tasks_per_example: list[str], pool_mask: torch.Tensor | None = None,
+              adversarial_weight: float | None = None) -> None:
+        """Point every wrapped module at the experts of these examples' tasks. With a pool mask and
+        a discriminator, the forward also records task logits for the adversarial loss."""
+        state = self.routing
+        state.set_tasks(tasks_per_example, self.device)
+        state.disc_logits = []
+        collect = self.has_discriminator and pool_mask is not None and len(self.tasks) > 1
+        state.disc_labels = (torch.tensor([self.tasks.index(t) for t in tasks_per_example], device=self.device)
+                             if collect else None)
+        state.pool_mask = pool_mask if collect else None
+        if adversarial_weight is not None:
+            state.adversarial_weight = adversarial_weight
+
+    def hidden_states(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        return self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def lm_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """Next-token loss on answer tokens only; the vocabulary projection runs only where needed."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = self.backbone.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits, targets[keep])
+
+    def last_token_states(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def class_logits(self, input_ids, attention_mask, task: str) -> torch.Tensor:
+        """Per-task head on the last real token of each prompt (the official code's mode)."""
+        return self.heads[task](self.last_token_states(input_ids, attention_mask))
+
+    def classifier_loss(self, input_ids, attention_mask, tasks_per_example: list[str],
+                        class_labels: torch.Tensor) -> torch.Tensor:
+        """Head loss over rows with a label (>= 0); each row goes through its own task's head."""
+        states = self.last_token_states(input_ids, attention_mask)
+        losses = []
+        for task in dict.fromkeys(tasks_per_example):
+            rows = [i for i, t in enumerate(tasks_per_example) if t == task and class_labels[i] >= 0]
+            if rows:
+                logits = self.heads[task](states[rows])
+                losses.append(F.cross_entropy(logits, class_labels[rows], reduction="sum"))
+        return sum(losses) / (class_labels >= 0).sum()
+
+    def orthogonality_loss(self, task: str) -> torch.Tensor:
+        """O-LoRA: sum of |A_task A_old^T| over every earlier task expert, so the new task's
+        low-rank subspace stays orthogonal to the old ones."""
+        total = torch.zeros((), device=self.device)
+        for module in self.wrapped:
+            for old in self.tasks[: self.tasks.index(task)]:
+                for proj, lora in module.experts[task].items():
+                    total = total + (lora.A @ module.experts[old][proj].A.T).abs().sum()
+        return total
+
+    def discriminator_loss(self) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy of the per-layer discriminators and their accuracy."""
+        state = self.routing
+        logits = torch.stack(state.disc_logits)  # (layers, batch, tasks)
+        labels = state.disc_labels.expand(logits.shape[0], -1)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        return loss, accuracy
+
+    def adapter_groups(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adapter tensors grouped for saving: one group per expert, one for gates and
+        discriminators ('router'), one per task head. Base weights are never included."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for i, module in enumerate(self.wrapped):
+            for name, tensor in module.state_dict().items():
+                if name.startswith("base."):
+                    continue
+                group = f"expert-{name.split('.')[1]}" if name.startswith("experts.") else "router"
+                groups.setdefault(group, {})[f"{i}.{name}"] = tensor
+        for task, head in self.heads.items():
+            groups[f"head-{task}"] = dict(head.state_dict())
+        return groups
+
+    def load_adapter_groups(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+        expected = self.adapter_groups()
+        if set(groups) != set(expected):
+            raise ValueError(f"checkpoint holds {sorted(groups)}, the model expects {sorted(expected)}")
+        for task, head in self.heads.items():
+            head.load_state_dict(groups[f"head-{task}"])
+        per_module: dict[int, dict[str, torch.Tensor]] = {}
+        for group, tensors in groups.items():
+            if group.startswith("head-"):
+                continue
+            for key, tensor in tensors.items():
+                index, name = key.split(".", 1)
+                per_module.setdefault(int(index), {})[name] = tensor
+        for i, module in enumerate(self.wrapped):
+            missing, unexpected = module.load_state_dict(per_module.get(i, {}), strict=False)
+            missing = [m for m in missing if not m.startswith("base.")]
+            if missing or unexpected:
+                raise ValueError(f"adapter tensors do not match module {i}: missing {missing}, unexpected {unexpected}")

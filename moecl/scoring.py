@@ -1,0 +1,87 @@
+"""Prediction: the task is given, the model picks one of that task's labels.
+
+In LM mode every label string is ranked by its log-likelihood after the prompt. The prompt is
+encoded once per example; its key/value cache is then shared by all of the task's labels, which
+are scored together in one batched continuation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Example
+from .model import ContinualModel
+from .prompts import TaskPrompt
+
+
+def _pad(rows: list[list[int]], value: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, span] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+    """(len(prompts), len(answers)) summed log-probabilities of each answer after each prompt."""
+    backbone, device = model.backbone, model.device
+    pad = model.tokenizer.pad_token_id
+    ids, mask = _pad(prompts, pad, left=True, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    answer_ids, answer_mask = _pad(answers, pad, left=False, device=device)
+    scores = F.log_softmax(out.logits[:, -1].float(), dim=-1)[:, answer_ids[:, 0]]  # first answer token
+    if answer_ids.shape[1] == 1:
+        return scores
+    n_prompts, n_answers = len(prompts), len(answers)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_answers)  # row p * n_answers + a continues prompt p with answer a
+    inputs = answer_ids[:, :-1].repeat(n_prompts, 1)
+    inputs_mask = answer_mask[:, 1:].repeat(n_prompts, 1)
+    lengths = mask.sum(-1).repeat_interleave(n_answers)
+    cont = backbone(
+        input_ids=inputs,
+        attention_mask=torch.cat([mask.repeat_interleave(n_answers, 0), inputs_mask], dim=1),
+        position_ids=lengths[:, None] + torch.arange(inputs.shape[1], device=device),
+        past_key_values=cache,
+    )
+    targets = answer_ids[:, 1:].repeat(n_prompts, 1)
+    token_lp = F.log_softmax(cont.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rest = (token_lp * inputs_mask).sum(-1).view(n_prompts, n_answers)
+    return scores + rest
+
+
+@torch.no_grad()
+def predict(model: ContinualModel, prompt: TaskPrompt, texts: list[str], batch_size: int,
+            progress: bool = False) -> list[int]:
+    """Predicted label index per text for the prompt's task."""
+    was_training = model.training
+    model.eval()
+    task = prompt.task
+    # Keep (prompts x labels) rows per continuation call bounded, whatever the label count.
+    step = max(1, batch_size if model.head == "classifier" else (batch_size * 4) // len(prompt.answers))
+    predictions: list[int] = []
+    try:
+        for start in tqdm(range(0, len(texts), step), desc=f"eval {task}", disable=not progress, leave=False):
+            chunk = [prompt.prompt(t) for t in texts[start:start + step]]
+            model.route([task] * len(chunk))
+            if model.head == "classifier":
+                ids, mask = _pad(chunk, model.tokenizer.pad_token_id, left=False, device=model.device)
+                scores = model.class_logits(ids, mask, task)
+            else:
+                scores = label_log_likelihoods(model, chunk, prompt.answers)
+            predictions.extend(scores.argmax(-1).tolist())
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def accuracy(model: ContinualModel, prompt: TaskPrompt, examples: list[Example], batch_size: int,
+             progress: bool = False) -> float:
+    predicted = predict(model, prompt, [e.text for e in examples], batch_size, progress)
+    return sum(p == e.label for p, e in zip(predicted, examples)) / len(examples)

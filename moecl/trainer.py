@@ -1,0 +1,245 @@
+"""One trainer for every method: tasks in order, an evaluation row after each, a checkpoint after each.
+
+Each stage reseeds from (seed, stage index) and rebuilds its batches and memory from the data, so a
+run resumed from the checkpoint after stage k takes exactly the steps an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import load_backbone
+from .checkpoint import checkpoint_dir, load_adapters, read_manifest, save_checkpoint
+from .config import Config
+from .data import Example, TaskData, load_task, per_label
+from .metrics import plot_heatmap, summarise
+from .model import IGNORE, ContinualModel
+from .prompts import TaskPrompt
+from .scoring import accuracy
+
+log = logging.getLogger("moecl")
+LOG_EVERY = 10
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a checkpoint that this config cannot continue (or must not overwrite)."""
+
+
+@dataclass
+class Progress:
+    """What the run has produced so far; stored in the manifest so a resumed run continues it."""
+    matrix: list[list[float]] = field(default_factory=list)
+    before_training: list[float] = field(default_factory=list)
+    baseline: list[float] | None = None
+
+
+def load_tasks(cfg: Config) -> list[TaskData]:
+    return [load_task(t.name, t.data) for t in cfg.tasks]
+
+
+def build_prompts(cfg: Config, tokenizer, tasks: list[TaskData]) -> dict[str, TaskPrompt]:
+    instructions = {t.name: t.instruction for t in cfg.tasks}
+    prompts = {t.name: TaskPrompt(tokenizer, t.name, t.labels, cfg.train.max_length, instructions[t.name]) for t in tasks}
+    for prompt in prompts.values():
+        prompt.text_budget  # fail now, not mid-run, if an instruction leaves no room for text
+    return prompts
+
+
+def stages(cfg: Config, tasks: list[TaskData]) -> list[list[TaskData]]:
+    """Multi-task learning trains all tasks in one stage; every other method one task per stage."""
+    return [tasks] if cfg.method == "mtl" else [[t] for t in tasks]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, model: ContinualModel | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.tasks = load_tasks(cfg)  # all data is checked before the backbone is even loaded
+        if model is None:
+            backbone, tokenizer = load_backbone(cfg.backbone)
+            model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head)
+        self.model = model
+        self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
+        self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
+        self.progress = Progress()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, task: TaskData) -> float:
+        return accuracy(self.model, self.prompts[task.name], self.test_sets[task.name], self.cfg.eval.batch_size,
+                        progress=True)
+
+    def _baseline(self) -> list[float]:
+        """Accuracy of the bare backbone on every task (adapters bypassed), for forward transfer."""
+        self.model.routing.bypass = True
+        try:
+            return [self.evaluate(t) for t in self.tasks]
+        finally:
+            self.model.routing.bypass = False
+
+    # -- training -----------------------------------------------------------------------------
+    def _memory(self, past: list[TaskData]) -> list[Example]:
+        """A few examples of every finished task, spread over its labels."""
+        size = self.cfg.memory.per_task
+        if size == 0 or self.cfg.method not in ("moecl", "moecl-nogan", "replay"):
+            return []
+        pool = []
+        for task in past:
+            pool.extend(per_label(task.train, max(1, size // len(task.labels)), self.cfg.train.seed)[:size])
+        return pool
+
+    def _batch(self, rows: list[Example], supervised: int):
+        """Right-padded tensors. Rows past `supervised` are memory rows: in moecl they only feed the
+        discriminator, so they carry no answer labels; in replay they are trained like the rest."""
+        rehearse = self.cfg.method == "replay"
+        ids, labels, class_labels = [], [], []
+        for i, example in enumerate(rows):
+            prompt = self.prompts[example.task]
+            with_answer = i < supervised or rehearse
+            if self.model.head == "lm":
+                seq, lab = prompt.training_pair(example)
+                ids.append(seq)
+                labels.append(lab if with_answer else [IGNORE] * len(lab))
+            else:
+                ids.append(prompt.prompt(example.text))
+            class_labels.append(example.label if with_answer else IGNORE)
+        width = max(map(len, ids))
+        device = self.model.device
+        pad = self.model.tokenizer.pad_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
+        lm_labels = torch.tensor([s + [IGNORE] * (width - len(s)) for s in labels], device=device) if labels else None
+        return input_ids, mask, lm_labels, torch.tensor(class_labels, device=device)
+
+    def _step_loss(self, rows: list[Example], supervised: int, stage_task: str) -> tuple[torch.Tensor, dict]:
+        model, cfg = self.model, self.cfg
+        input_ids, mask, lm_labels, class_labels = self._batch(rows, supervised)
+        tasks = [e.task for e in rows]
+        weight = 0.0 if cfg.method == "moecl-nogan" else cfg.adversarial.weight
+        model.route(tasks, pool_mask=mask, adversarial_weight=weight)
+        if model.head == "lm":
+            loss = model.lm_loss(input_ids, mask, lm_labels)
+        else:
+            loss = model.classifier_loss(input_ids, mask, tasks, class_labels)
+        stats = {"loss": loss.item()}
+        if model.routing.disc_labels is not None:
+            # Gradient reversal inside the model turns +disc_loss into -weight * disc_loss for the
+            # shared expert, while the discriminator itself still descends on disc_loss.
+            disc_loss, disc_acc = model.discriminator_loss()
+            loss = loss + disc_loss
+            stats.update(disc_loss=disc_loss.item(), disc_acc=disc_acc)
+        if cfg.method == "olora" and model.tasks.index(stage_task) > 0:
+            ortho = model.orthogonality_loss(stage_task)
+            loss = loss + cfg.olora.weight * ortho
+            stats["ortho"] = ortho.item()
+        return loss, stats
+
+    def train_stage(self, stage: list[TaskData], past: list[TaskData], index: int) -> None:
+        cfg, model = self.cfg, self.model
+        rng = random.Random(cfg.train.seed * 1000 + index)
+        examples = [e for t in stage for e in per_label(t.train, cfg.train.max_per_label, cfg.train.seed)]
+        memory = self._memory(past)
+        params = model.prepare_training([t.name for t in stage])
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+        name = "+".join(t.name for t in stage)
+        size = cfg.train.batch_size
+        steps = cfg.train.epochs * ((len(examples) + size - 1) // size)
+        model.train()
+        bar = tqdm(total=steps, desc=f"train {name}", leave=False)
+        step = 0
+        for _ in range(cfg.train.epochs):
+            rng.shuffle(examples)
+            for start in range(0, len(examples), size):
+                rows = examples[start:start + size]
+                supervised = len(rows)
+                if memory:
+                    rows = rows + rng.sample(memory, min(cfg.memory.per_batch, len(memory)))
+                loss, stats = self._step_loss(rows, supervised, stage[-1].name)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+                if step % LOG_EVERY == 0 or step == steps:
+                    log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+        bar.close()
+        model.eval()
+
+    # -- the run ------------------------------------------------------------------------------
+    def _manifest(self, done: list[TaskData]) -> dict:
+        return {
+            "backbone": self.cfg.backbone,
+            "method": self.cfg.method,
+            "head": self.cfg.head,
+            "config": self.cfg.to_dict(),
+            "tasks": [t.name for t in done],
+            "labels": {t.name: t.labels for t in done},
+            "instructions": {t.name: self.prompts[t.name].instruction for t in done},
+            "max_length": self.cfg.train.max_length,
+            "data_hashes": {t.name: t.version for t in done},
+            "progress": vars(self.progress),
+        }
+
+    def _restore(self, plan: list[list[TaskData]]) -> int:
+        """Load the last complete stage's checkpoint; return how many stages it covers."""
+        manifest = read_manifest(checkpoint_dir(self.run_dir))
+        done = manifest["tasks"]
+        expected = [t.name for stage in plan for t in stage][: len(done)]
+        if manifest["method"] != self.cfg.method or manifest["backbone"] != self.cfg.backbone or done != expected:
+            raise ResumeError(f"{self.run_dir}: its checkpoint ({manifest['method']}, {manifest['backbone']}, tasks {done}) "
+                              f"is not a prefix of this config's run")
+        for task in self.tasks[: len(done)]:
+            if manifest["data_hashes"][task.name] != task.version:
+                raise ResumeError(f"{task.folder}: data changed since the checkpoint was written; start a new run")
+            self.model.add_task(task.name, task.labels)
+        load_adapters(self.model, manifest)
+        self.progress = Progress(**manifest["progress"])
+        return len(self.progress.matrix)
+
+    def run(self, resume: bool = False) -> dict:
+        cfg, model = self.cfg, self.model
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        plan = stages(cfg, self.tasks)
+        has_checkpoint = (checkpoint_dir(self.run_dir) / "manifest.json").is_file()
+        if has_checkpoint and not resume:
+            raise ResumeError(f"{self.run_dir} already holds a checkpoint: pass --resume to continue it, or use a new --out")
+        first = self._restore(plan) if resume and has_checkpoint else 0
+        if cfg.eval.forward_transfer and self.progress.baseline is None:
+            self.progress.baseline = self._baseline()
+        started = time.time()
+        for index, stage in enumerate(plan):
+            if index < first:
+                continue
+            torch.manual_seed(cfg.train.seed * 1000 + index)
+            for task in stage:
+                if task.name not in model.tasks:
+                    model.add_task(task.name, task.labels)
+            if cfg.eval.forward_transfer:
+                self.progress.before_training.append(self.evaluate(stage[0]))
+            past = [t for s in plan[:index] for t in s]
+            self.train_stage(stage, past, index)
+            seen = past + stage
+            row = [self.evaluate(t) for t in seen]
+            self.progress.matrix.append(row)
+            log.info("after %s: %s", "+".join(t.name for t in stage),
+                     " ".join(f"{t.name}={a:.3f}" for t, a in zip(seen, row)))
+            save_checkpoint(model, self.run_dir, self._manifest(seen))
+        return self._finish(time.time() - started)
+
+    def _finish(self, seconds: float) -> dict:
+        names = [t.name for t in self.tasks]
+        progress = self.progress
+        fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
+        metrics = summarise(names, progress.matrix, *fwt_inputs)
+        metrics.update(method=self.cfg.method, chance={t.name: t.chance for t in self.tasks},
+                       train_seconds=round(seconds, 1))
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task")
+        return metrics

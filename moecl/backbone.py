@@ -69,6 +69,7 @@ def _build_tiny_llama():
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=0.1,  # the default 0.02 leaves a 32-wide random model with near-constant FFN outputs
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config), tokenizer

@@ -144,17 +144,16 @@ class MoEFeedForward(ExpertModule):
         projections = {p: getattr(ffn, p) for p in ("gate_proj", "up_proj", "down_proj") if p in targets}
         super().__init__(routing, projections, lora_args, ffn.gate_proj.in_features)
         self.base = ffn
-        self.discriminator = nn.Linear(ffn.gate_proj.in_features, 1) if routing.mode == "gated" else None
+        self.discriminator: nn.Linear | None = None  # created with the first task, grown with each
 
     def grow_discriminator(self, num_tasks: int) -> None:
         """One logit per task; rows for the tasks already known are kept."""
         old = self.discriminator
-        if old.out_features >= num_tasks:
-            return
-        new = nn.Linear(old.in_features, num_tasks).to(old.weight.device)
-        with torch.no_grad():
-            new.weight[: old.out_features] = old.weight
-            new.bias[: old.out_features] = old.bias
+        new = nn.Linear(self.base.gate_proj.in_features, num_tasks).to(self.base.gate_proj.weight.device)
+        if old is not None:
+            with torch.no_grad():
+                new.weight[: old.out_features] = old.weight
+                new.bias[: old.out_features] = old.bias
         self.discriminator = new
 
     def _hidden(self, stream: str, x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> torch.Tensor:

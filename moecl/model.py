@@ -56,9 +56,6 @@ class ContinualModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.tasks: list[str] = []
         self.labels: dict[str, list[str]] = {}
-        if self.uses_shared_expert:
-            for module in self.wrapped:
-                module.add_expert(SHARED)
 
     @property
     def uses_shared_expert(self) -> bool:
@@ -77,6 +74,9 @@ class ContinualModel(nn.Module):
             raise ValueError(f"task '{name}' is already in the model")
         self.tasks.append(name)
         self.labels[name] = list(labels)
+        if self.uses_shared_expert and len(self.tasks) == 1:  # created here so it draws from the seeded stage
+            for module in self.wrapped:
+                module.add_expert(SHARED)
         if self.uses_task_experts:
             for module in self.wrapped:
                 module.add_expert(name)

@@ -1,0 +1,125 @@
+"""Training runs on a tiny random Llama: isolation, checkpoints, resume, and every method."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moecl.checkpoint import load_model
+from moecl.cli import main
+from moecl.config import load_config
+from moecl.scoring import predict
+from moecl.trainer import Trainer
+from tests.conftest import write_config
+
+
+def _adapters(run_dir, group: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoint" / "adapters" / f"{group}.safetensors")
+
+
+def _train(tmp_path, task_dirs, name="run", resume=False, **overrides):
+    cfg = load_config(write_config(tmp_path / f"{name}.yaml", task_dirs, **overrides))
+    return Trainer(cfg, tmp_path / name).run(resume=resume)
+
+
+def test_earlier_experts_stay_bit_identical_after_later_tasks(tmp_path, task_dirs):
+    first = {"topics": task_dirs["topics"]}
+    _train(tmp_path, first)
+    after_first = {g: _adapters(tmp_path / "run", g) for g in ("expert-topics", "expert-shared")}
+    _train(tmp_path, task_dirs, resume=True)  # same run folder, two more tasks
+    final_topics = _adapters(tmp_path / "run", "expert-topics")
+    final_shared = _adapters(tmp_path / "run", "expert-shared")
+    assert after_first["expert-topics"].keys() == final_topics.keys()
+    for key, tensor in after_first["expert-topics"].items():
+        assert torch.equal(tensor, final_topics[key]), key
+    assert any(not torch.equal(t, final_shared[k]) for k, t in after_first["expert-shared"].items())
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, task_dirs):
+    _train(tmp_path, task_dirs)
+    trainer_model, prompts, manifest = load_model(tmp_path / "run")
+    assert manifest["tasks"] == list(task_dirs)
+    reloaded, _, _ = load_model(tmp_path / "run" / "checkpoint")
+    original = {g: _adapters(tmp_path / "run", g) for g in trainer_model.adapter_groups()}
+    for group, tensors in reloaded.adapter_groups().items():
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, original[group][key]), (group, key)
+    texts = ["this one is about cat golf", "this one is about fish"]
+    assert predict(reloaded, prompts["animals"], texts, 4) == predict(trainer_model, prompts["animals"], texts, 4)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, task_dirs, monkeypatch):
+    straight = _train(tmp_path, task_dirs, name="straight")
+
+    original = Trainer.train_stage
+
+    def crash_on_second_task(self, stage, past, index):
+        if index == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, stage, past, index)
+
+    monkeypatch.setattr(Trainer, "train_stage", crash_on_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, task_dirs, name="resumed")
+    assert json.loads((tmp_path / "resumed/checkpoint/manifest.json").read_text())["tasks"] == ["topics"]
+    monkeypatch.setattr(Trainer, "train_stage", original)
+    resumed = _train(tmp_path, task_dirs, name="resumed", resume=True)
+
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert resumed["aa"] == straight["aa"] and resumed["bwt"] == straight["bwt"]
+    for group in ("expert-shared", "expert-animals", "router"):
+        a, b = _adapters(tmp_path / "straight", group), _adapters(tmp_path / "resumed", group)
+        assert all(torch.equal(a[k], b[k]) for k in a), group
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path, task_dirs):
+    _train(tmp_path, {"topics": task_dirs["topics"]})
+    before = (tmp_path / "run/checkpoint/manifest.json").read_text()
+    code = main(["train", str(write_config(tmp_path / "again.yaml", task_dirs)), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert (tmp_path / "run/checkpoint/manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize("method", ["moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "mtl"])
+def test_every_method_trains_and_reports(tmp_path, task_dirs, method):
+    metrics = _train(tmp_path, task_dirs, method=method, train={"epochs": 1})
+    rows = metrics["accuracy_matrix"]
+    if method == "mtl":
+        assert len(rows) == 1 and len(rows[0]) == 3 and metrics["bwt"] is None
+    else:
+        assert [len(r) for r in rows] == [1, 2, 3]
+        assert isinstance(metrics["bwt"], float)
+    assert all(0.0 <= a <= 1.0 for row in rows for a in row)
+    assert (tmp_path / "run" / "heatmap.png").stat().st_size > 1000
+    groups = set(_adapters_groups(tmp_path / "run"))
+    expected_experts = {
+        "moecl": {"shared", "topics", "sentiment", "animals"}, "moecl-nogan": {"shared", "topics", "sentiment", "animals"},
+        "seq-lora": {"shared"}, "replay": {"shared"}, "mtl": {"shared"},
+        "inc-lora": {"topics", "sentiment", "animals"}, "olora": {"topics", "sentiment", "animals"},
+    }[method]
+    assert {g.removeprefix("expert-") for g in groups if g.startswith("expert-")} == expected_experts
+
+
+def _adapters_groups(run_dir):
+    return [f.stem for f in (run_dir / "checkpoint" / "adapters").glob("*.safetensors")]
+
+
+def test_moecl_trains_its_discriminator_on_memory_of_old_tasks(tmp_path, task_dirs, caplog):
+    caplog.set_level("INFO", logger="moecl")
+    _train(tmp_path, task_dirs, memory={"per_task": 6, "per_batch": 3})
+    disc_lines = [r.getMessage() for r in caplog.records if "disc_acc=" in r.getMessage()]
+    assert disc_lines and all("task=" in line and "loss=" in line for line in disc_lines)
+    assert all("topics" not in line.split()[0] for line in disc_lines)  # first task has no discriminator
+
+
+def test_classifier_head_mode_trains_and_predicts(tmp_path, task_dirs):
+    metrics = _train(tmp_path, task_dirs, head="classifier", train={"lr": 0.05, "epochs": 8})
+    assert metrics["accuracy_matrix"][0][0] > 1 / 3  # learns the first task beyond chance
+    assert {"head-topics", "head-sentiment", "head-animals"} <= set(_adapters_groups(tmp_path / "run"))
+
+
+def test_learning_a_task_beats_chance(tmp_path, task_dirs):
+    metrics = _train(tmp_path, {"topics": task_dirs["topics"]}, method="seq-lora", train={"epochs": 8, "lr": 0.05})
+    assert metrics["accuracy_matrix"][0][0] > 1 / 3

@@ -27,25 +27,25 @@ ROUTING_MODES = ("gated", "shared", "task", "sum")
 
 
 class LoRA(nn.Module):
-    """One low-rank delta `scale * B @ A @ dropout(x)`; A starts random and B at zero, so a new
-    expert leaves the model's output unchanged until it is trained."""
+    """One low-rank factor pair: delta(x) = scale * B @ A @ x. A starts random and B at zero, so a
+    new expert leaves the model's output unchanged until it is trained. Dropout is applied by the
+    owning module, once per input, and shared by every expert reading that input."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, r))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / r
-        self.dropout = nn.Dropout(dropout)
-
-    def project_down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.dropout(x), self.A)
-
-    def project_up(self, z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, self.B) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_up(self.project_down(x))
+        return F.linear(F.linear(x, self.A) * self.scale, self.B)
+
+
+def _add_low_rank(out: torch.Tensor, z: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """out + z @ B.T as one fused multiply-add over the flattened tokens."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), B.T)
+    return flat.view(out.shape)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -70,22 +70,20 @@ class Routing:
     """Per-forward state every wrapped module reads: set by the model before each call."""
     mode: str
     task_experts: list[str] = field(default_factory=list)  # every task expert, in task order
-    groups: list[tuple[str, torch.Tensor | None]] = field(default_factory=list)  # (task expert, example rows)
+    batch_tasks: list[str] = field(default_factory=list)  # the task experts this batch uses, in order
+    row_mask: torch.Tensor | None = None  # (batch, len(batch_tasks)) one-hot task of each row; None: one task
     disc_labels: torch.Tensor | None = None  # task index per example; None: no discriminator this call
     pool_mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens
     adversarial_weight: float = 0.0
     bypass: bool = False  # run the bare backbone (the no-training baseline)
     disc_logits: list[torch.Tensor] = field(default_factory=list)
 
-    def set_tasks(self, expert_per_example: list[str], device: torch.device) -> None:
-        names = list(dict.fromkeys(expert_per_example))
-        if len(names) == 1:
-            self.groups = [(names[0], None)]
-            return
-        self.groups = [
-            (name, torch.tensor([i for i, n in enumerate(expert_per_example) if n == name], device=device))
-            for name in names
-        ]
+    def set_tasks(self, task_per_example: list[str], device: torch.device) -> None:
+        self.batch_tasks = list(dict.fromkeys(task_per_example))
+        self.row_mask = None
+        if len(self.batch_tasks) > 1:
+            index = torch.tensor([self.batch_tasks.index(t) for t in task_per_example], device=device)
+            self.row_mask = F.one_hot(index, len(self.batch_tasks)).float()
 
 
 class ExpertModule(nn.Module):
@@ -97,6 +95,7 @@ class ExpertModule(nn.Module):
         self.routing = [routing]  # a list, so the shared state is not registered as a submodule
         self.shapes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
         self.lora_args = lora_args
+        self.dropout = nn.Dropout(lora_args[2])
         self.experts = nn.ModuleDict()
         self.gate = nn.Linear(gate_features, 2, bias=False) if routing.mode == "gated" else None
         if self.gate is not None:
@@ -107,33 +106,49 @@ class ExpertModule(nn.Module):
         return self.routing[0]
 
     def add_expert(self, name: str) -> None:
-        r, alpha, dropout = self.lora_args
+        r, alpha, _ = self.lora_args
         device = next(iter(self.parameters()), torch.empty(0)).device
         self.experts[name] = nn.ModuleDict(
-            {proj: LoRA(i, o, r, alpha, dropout) for proj, (i, o) in self.shapes.items()}).to(device)
+            {proj: LoRA(i, o, r, alpha) for proj, (i, o) in self.shapes.items()}).to(device)
 
-    def delta(self, stream: str, proj: str, x: torch.Tensor) -> torch.Tensor | float:
-        """Low-rank delta of one stream ('shared' or 'task') or, in 'sum' mode, of every task expert."""
-        if proj not in self.shapes:
-            return 0.0
+    def _stream_experts(self, stream: str) -> tuple[list[str], torch.Tensor | None]:
+        """The experts a stream adds up, and which rows each serves (None: every row)."""
         if stream == SHARED:
-            return self.experts[SHARED][proj](x)
+            return [SHARED], None
         if self.state.mode == "sum":
-            return sum(self.experts[name][proj](x) for name in self.state.task_experts)
-        groups = self.state.groups
-        if len(groups) == 1 and groups[0][1] is None:
-            return self.experts[groups[0][0]][proj](x)
-        out = x.new_zeros(*x.shape[:-1], self.shapes[proj][1])
-        for name, rows in groups:
-            out = out.index_copy(0, rows, self.experts[name][proj](x.index_select(0, rows)))
-        return out
+            return self.state.task_experts, None
+        return self.state.batch_tasks, self.state.row_mask
+
+    def add_delta(self, stream: str, proj: str, out: torch.Tensor, x: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` plus the stream's low-rank delta of `x` (dropout already applied), optionally
+        weighted per token. The experts involved act as one concatenated factor pair; rows of a
+        mixed-task batch mask out the other tasks' rank-r slices. Scale, weight and mask all apply
+        on the rank side, so nothing extra runs over the full output width."""
+        if proj not in self.shapes:
+            return out
+        names, row_mask = self._stream_experts(stream)
+        loras = [self.experts[n][proj] for n in names]
+        A = loras[0].A if len(loras) == 1 else torch.cat([lora.A for lora in loras])
+        B = loras[0].B if len(loras) == 1 else torch.cat([lora.B for lora in loras], dim=1)
+        z = F.linear(x, A) * loras[0].scale
+        if row_mask is not None:
+            rank = loras[0].A.shape[0]
+            z = z * row_mask.repeat_interleave(rank, dim=1).view(z.shape[0], *[1] * (z.dim() - 2), -1)
+        if weight is not None:
+            z = z * weight
+        return _add_low_rank(out, z, B)
 
     def streams(self) -> list[str]:
         return {"gated": [SHARED, "task"], "shared": [SHARED], "task": ["task"], "sum": ["task"]}[self.state.mode]
 
     def mix_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 2) softmax weights over [shared, task]."""
+        """(..., 2) per-token softmax weights over [shared, task]."""
         return torch.softmax(self.gate(x), dim=-1)
+
+    def shared_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 1) the shared expert's weight; the task expert's is 1 minus it."""
+        return self.mix_weights(x)[..., :1]
 
 
 class MoEFeedForward(ExpertModule):
@@ -157,41 +172,44 @@ class MoEFeedForward(ExpertModule):
         self.discriminator = new
 
     def _hidden(self, stream: str, x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> torch.Tensor:
-        return self.base.act_fn(gx + self.delta(stream, "gate_proj", x)) * (ux + self.delta(stream, "up_proj", x))
+        gate = self.add_delta(stream, "gate_proj", gx, x)
+        up = self.add_delta(stream, "up_proj", ux, x)
+        return self.base.act_fn(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         if state.bypass:
             return self.base(x)
+        x_in = self.dropout(x)
         gx, ux = self.base.gate_proj(x), self.base.up_proj(x)
         streams = self.streams()
-        hidden = [self._hidden(s, x, gx, ux) for s in streams]
+        hidden = [self._hidden(s, x_in, gx, ux) for s in streams]
         if len(streams) == 1:
-            return self.base.down_proj(hidden[0]) + self.delta(streams[0], "down_proj", hidden[0])
+            return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), self.dropout(hidden[0]))
 
-        weights = self.mix_weights(x)
-        w_shared, w_task = weights[..., :1], weights[..., 1:]
-        mixed = w_shared * hidden[0] + w_task * hidden[1]
-        out = self.base.down_proj(mixed)
-        shared_low = None
-        if "down_proj" in self.shapes:
-            shared_lora = self.experts[SHARED]["down_proj"]
-            shared_low = shared_lora.project_down(hidden[0])
-            out = out + w_shared * shared_lora.project_up(shared_low) + w_task * self.delta("task", "down_proj", hidden[1])
+        w_shared = self.shared_weight(x)
+        # The base down projection is linear: applying it once to the mixed hidden state equals
+        # mixing the two experts' outputs.
+        out = self.base.down_proj(torch.lerp(hidden[1], hidden[0], w_shared))
+        shared_in = self.dropout(hidden[0])
+        out = self.add_delta(SHARED, "down_proj", out, shared_in, w_shared)
+        out = self.add_delta("task", "down_proj", out, self.dropout(hidden[1]), 1 - w_shared)
         if state.disc_labels is not None:
-            self._discriminate(hidden[0], shared_low)
+            self._discriminate(hidden[0], shared_in)
         return out
 
-    def _discriminate(self, shared_hidden: torch.Tensor, shared_low: torch.Tensor | None) -> None:
+    def _discriminate(self, shared_hidden: torch.Tensor, shared_in: torch.Tensor) -> None:
         """Task logits from the shared expert's FFN output, mean-pooled over real tokens.
 
-        Pooling commutes with the linear down projection, so pooling the hidden state first gives the
-        pooled output exactly without running the base down projection a second time per token."""
+        Pooling commutes with the (linear) down projection and its LoRA, so pooling the hidden
+        state first gives the pooled output exactly, without a second per-token down projection."""
         mask = self.state.pool_mask.unsqueeze(-1).to(shared_hidden.dtype)
         count = mask.sum(dim=1).clamp(min=1)
-        pooled = self.base.down_proj((shared_hidden * mask).sum(dim=1) / count)
-        if shared_low is not None:
-            pooled = pooled + self.experts[SHARED]["down_proj"].project_up((shared_low * mask).sum(dim=1) / count)
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            return (t * mask).sum(dim=1) / count
+
+        pooled = self.add_delta(SHARED, "down_proj", self.base.down_proj(pool(shared_hidden)), pool(shared_in))
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
 
@@ -208,8 +226,10 @@ class MoELinear(ExpertModule):
         out = self.base(x)
         if self.state.bypass:
             return out
+        x_in = self.dropout(x)
         streams = self.streams()
         if len(streams) == 1:
-            return out + self.delta(streams[0], "proj", x)
-        weights = self.mix_weights(x)
-        return out + weights[..., :1] * self.delta(SHARED, "proj", x) + weights[..., 1:] * self.delta("task", "proj", x)
+            return self.add_delta(streams[0], "proj", out, x_in)
+        w_shared = self.shared_weight(x)
+        out = self.add_delta(SHARED, "proj", out, x_in, w_shared)
+        return self.add_delta("task", "proj", out, x_in, 1 - w_shared)

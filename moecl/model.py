@@ -19,6 +19,15 @@ METHOD_ROUTING = {
 IGNORE = -100
 
 
+def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Next-token loss on answer tokens only; the vocabulary projection runs only where needed."""
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits, targets[keep])
+
+
 def _is_gated_ffn(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Linear) for p in FFN_PROJECTIONS) and hasattr(module, "act_fn")
 
@@ -126,12 +135,7 @@ class ContinualModel(nn.Module):
         return self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def lm_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """Next-token loss on answer tokens only; the vocabulary projection runs only where needed."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = self.backbone.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits, targets[keep])
+        return answer_loss(self.backbone, input_ids, attention_mask, labels)
 
     def last_token_states(self, input_ids, attention_mask) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, attention_mask)

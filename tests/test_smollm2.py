@@ -1,0 +1,50 @@
+"""Integration on the real SmolLM2-135M-Instruct backbone (converted once from the installed GGUF)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecl.cli import main
+from moecl.config import config_from_dict
+from moecl.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "mtl5" / "dbpedia"
+
+
+def test_training_lowers_the_loss_and_predict_answers_with_a_label(tmp_path, capsys):
+    cfg = config_from_dict({
+        "backbone": "smollm2-135m-instruct", "method": "moecl",
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "max_length": 96, "max_per_label": 2, "seed": 0},
+        "eval": {"max_per_label": 1, "batch_size": 8},
+        "tasks": [{"name": "dbpedia", "data": str(SAMPLE)}],
+    })
+    trainer = Trainer(cfg, tmp_path / "run")
+    model, task, prompt = trainer.model, trainer.tasks[0], trainer.prompts["dbpedia"]
+    probe = [prompt.training_pair(e) for e in task.test[:8]]
+    width = max(len(ids) for ids, _ in probe)
+    ids = torch.tensor([i + [model.tokenizer.pad_token_id] * (width - len(i)) for i, _ in probe])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in probe])
+    mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in probe])[:, None]).long()
+
+    def probe_loss() -> float:
+        model.eval()
+        model.route(["dbpedia"] * len(probe))
+        with torch.no_grad():
+            return model.lm_loss(ids, mask, labels).item()
+
+    model.routing.bypass = True  # new experts add nothing, so the bare backbone is the untrained model
+    before = probe_loss()
+    model.routing.bypass = False
+    metrics = trainer.run()
+    after = probe_loss()
+    assert after < before - 0.5, (before, after)
+    assert metrics["tasks"] == ["dbpedia"] and len(metrics["accuracy_matrix"]) == 1
+
+    code = main(["predict", "--model", str(tmp_path / "run"), "--task", "dbpedia",
+                 "Title: Mount Rainier\nText: A large active stratovolcano in the Cascade Range of Washington.",
+                 "Title: Toyota Corolla\nText: A line of compact cars manufactured by Toyota since 1966."])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(printed) == 2 and set(printed) <= set(task.labels)

@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--memory-per-task", type=int, default=16)
     parser.add_argument("--memory-per-batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
+    parser.add_argument("--json", default="benchmarks/results/quality.json")
     parser.add_argument("--resume", action="store_true", help="continue unfinished method runs in --out")
     args = parser.parse_args()
 
@@ -87,7 +88,8 @@ def main() -> None:
           f"{args.test_per_label} test examples per label, {args.epochs} epoch(s), lr {args.lr}, "
           f"max_length {args.max_length}, seed {args.seed}; total {total / 60:.1f} min\n")
     print(table(results, tasks))
-    (out / "quality.json").write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
                                                   "results": results}, indent=2))
 
 

@@ -62,6 +62,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.tasks = load_tasks(cfg)  # all data is checked before the backbone is even loaded
+        self.task_data = {t.name: t for t in self.tasks}
         if model is None:
             backbone, tokenizer = load_backbone(cfg.backbone)
             model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head)
@@ -173,19 +174,26 @@ class Trainer:
         model.eval()
 
     # -- the run ------------------------------------------------------------------------------
-    def _manifest(self, done: list[TaskData]) -> dict:
+    def _manifest(self) -> dict:
+        known = [self.task_data[name] for name in self.model.tasks]
         return {
             "backbone": self.cfg.backbone,
             "method": self.cfg.method,
             "head": self.cfg.head,
             "config": self.cfg.to_dict(),
-            "tasks": [t.name for t in done],
-            "labels": {t.name: t.labels for t in done},
-            "instructions": {t.name: self.prompts[t.name].instruction for t in done},
+            "tasks": self.model.tasks,
+            "labels": {t.name: t.labels for t in known},
+            "instructions": {t.name: self.prompts[t.name].instruction for t in known},
             "max_length": self.cfg.train.max_length,
-            "data_hashes": {t.name: t.version for t in done},
+            "data_hashes": {t.name: t.version for t in known},
             "progress": vars(self.progress),
         }
+
+    def _load(self, manifest: dict) -> None:
+        for name in manifest["tasks"]:
+            self.model.add_task(name, manifest["labels"][name])
+        load_adapters(self.model, manifest)
+        self.progress = Progress(**manifest["progress"])
 
     def _restore(self, plan: list[list[TaskData]]) -> int:
         """Load the last complete stage's checkpoint; return how many stages it covers."""
@@ -198,47 +206,54 @@ class Trainer:
         for task in self.tasks[: len(done)]:
             if manifest["data_hashes"][task.name] != task.version:
                 raise ResumeError(f"{task.folder}: data changed since the checkpoint was written; start a new run")
-            self.model.add_task(task.name, task.labels)
-        load_adapters(self.model, manifest)
-        self.progress = Progress(**manifest["progress"])
+        self._load(manifest)
         return len(self.progress.matrix)
 
     def run(self, resume: bool = False) -> dict:
-        cfg, model = self.cfg, self.model
+        """Train every task of the config in order (continuing a checkpoint in the run folder with --resume)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        plan = stages(cfg, self.tasks)
+        plan = stages(self.cfg, self.tasks)
         has_checkpoint = (checkpoint_dir(self.run_dir) / "manifest.json").is_file()
         if has_checkpoint and not resume:
             raise ResumeError(f"{self.run_dir} already holds a checkpoint: pass --resume to continue it, or use a new --out")
         first = self._restore(plan) if resume and has_checkpoint else 0
+        return self._run_plan(plan[first:])
+
+    def extend(self, manifest: dict, plan: list[list[TaskData]]) -> dict:
+        """Continue a trained model (e.g. the registry's champion) with more stages: new tasks get
+        their own expert; a task it already knows continues training its existing expert."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._load(manifest)
+        return self._run_plan(plan)
+
+    def _run_plan(self, plan: list[list[TaskData]]) -> dict:
+        cfg, model = self.cfg, self.model
         if cfg.eval.forward_transfer and self.progress.baseline is None:
             self.progress.baseline = self._baseline()
         started = time.time()
-        for index, stage in enumerate(plan):
-            if index < first:
-                continue
+        for stage in plan:
+            index = len(self.progress.matrix)  # stages done so far: seeds match however the run was split
             torch.manual_seed(cfg.train.seed * 1000 + index)
             for task in stage:
                 if task.name not in model.tasks:
                     model.add_task(task.name, task.labels)
             if cfg.eval.forward_transfer:
                 self.progress.before_training.append(self.evaluate(stage[0]))
-            past = [t for s in plan[:index] for t in s]
+            names = {t.name for t in stage}
+            past = [self.task_data[n] for n in model.tasks if n not in names]
             self.train_stage(stage, past, index)
-            seen = past + stage
-            row = [self.evaluate(t) for t in seen]
+            row = [self.evaluate(self.task_data[n]) for n in model.tasks]
             self.progress.matrix.append(row)
-            log.info("after %s: %s", "+".join(t.name for t in stage),
-                     " ".join(f"{t.name}={a:.3f}" for t, a in zip(seen, row)))
-            save_checkpoint(model, self.run_dir, self._manifest(seen))
+            log.info("after %s: %s", "+".join(names), " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row)))
+            save_checkpoint(model, self.run_dir, self._manifest())
         return self._finish(time.time() - started)
 
     def _finish(self, seconds: float) -> dict:
-        names = [t.name for t in self.tasks]
+        names = list(self.model.tasks)
         progress = self.progress
         fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
         metrics = summarise(names, progress.matrix, *fwt_inputs)
-        metrics.update(method=self.cfg.method, chance={t.name: t.chance for t in self.tasks},
+        metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
                        train_seconds=round(seconds, 1))
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task")

@@ -1,0 +1,16 @@
+from kfp import dsl
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: str,
+            thresholds_json: str) -> str:
+    """The gate: move `champion` to the new version only if it passes; else tag the reasons."""
+    import json
+
+    from moecl import pipeline_steps
+
+    decision = pipeline_steps.promote(tracking_uri, model_name, run_id, version, json.loads(evaluation),
+                                      json.loads(thresholds_json))
+    return json.dumps(decision)

@@ -1,0 +1,18 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings_json: str, task_versions: str,
+          dataset: Input[Dataset], model: Output[Model]) -> str:
+    """Continue the registry's champion with the version's new and changed tasks."""
+    import json
+
+    from moecl import pipeline_steps
+
+    summary = pipeline_steps.train(tracking_uri, model_name, parent_version, run_id, json.loads(settings_json), dataset.path,
+                                   task_versions, model.path)
+    model.metadata.update(summary)
+    return json.dumps(summary)

@@ -1,0 +1,205 @@
+"""What each pipeline step does. The KFP components in `components/` only call these, so every step
+runs and is tested as plain Python, and the same code serves the embedded and the cluster runs.
+
+All steps of one pipeline run log into one MLflow run, tagged with the data version it processed.
+Every step works against the registered version that was champion when the run was launched (its
+parent), so a run's result does not depend on what other runs promote meanwhile, and caching by
+(data version, parent version) is sound.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+
+from . import registry
+from .checkpoint import load_model, read_manifest
+from .config import Config, config_from_dict
+from .data import load_task, per_label
+from .gate import GateThresholds, decide
+from .metrics import plot_heatmap, summarise
+from .scoring import accuracy
+from .validation import ValidationRules, validate_task
+from .versioning import DataVersion, materialize, task_versions
+
+log = logging.getLogger("moecl.pipeline")
+
+
+class ValidationFailed(RuntimeError):
+    """The data version broke a validation rule; the message names the file, rows and rule."""
+
+
+def run_config(settings: dict, dataset: Path, tasks: list[str]) -> Config:
+    """The training config of a pipeline run: the pipeline's settings plus the version's tasks."""
+    raw = {**settings, "tasks": [{"name": t, "data": str(dataset / t)} for t in tasks]}
+    return config_from_dict(raw, source="pipeline settings")
+
+
+def _end_run(tracking_uri: str, run_id: str, outcome: str, status: str = "FINISHED") -> None:
+    client = registry.connect(tracking_uri)
+    client.set_tag(run_id, registry.TAG_OUTCOME, outcome)
+    client.set_terminated(run_id, status)
+
+
+def start_run(tracking_uri: str, data_version: str, artifact_root: str | None = None) -> str:
+    """The MLflow run of one pipeline run, opened by the launcher: its data-version tag is what
+    makes the trigger launch exactly one run per version."""
+    experiment = registry.experiment_id(tracking_uri, artifact_root)
+    run = registry.connect(tracking_uri).create_run(experiment, run_name=f"data-{data_version[:12]}", tags={
+        registry.TAG_DATA_VERSION: data_version, "git_commit": registry.git_commit()})
+    return run.info.run_id
+
+
+def fail_run(tracking_uri: str, run_id: str, outcome: str = "failed") -> None:
+    """Close a run that stopped on an error (validation closes its own with its own outcome)."""
+    client = registry.connect(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        _end_run(tracking_uri, run_id, outcome, "FAILED")
+
+
+def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, data_remote: str,
+             data_version: str, rules: dict, dataset_dir: str) -> str:
+    """Fetch the version and validate every task folder with Great Expectations; the report goes
+    to MLflow either way. Returns the task versions (JSON); raises ValidationFailed on any failure."""
+    version = DataVersion(data_version, data_remote)
+    dataset = materialize(version, dataset_dir)
+    versions = task_versions(version)
+    with tempfile.TemporaryDirectory() as scratch:
+        best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
+        champion_labels = read_manifest(best.checkpoint)["labels"] if best else {}
+    reports, failures = {}, []
+    for task in sorted(versions):
+        report = validate_task(dataset / task, ValidationRules(**rules), expected_labels=champion_labels.get(task))
+        reports[task] = json.loads(report.to_json())
+        if not report.success:
+            failures.append(report.summary())
+    missing = sorted(set(champion_labels) - set(versions))
+    if missing:
+        failures.append(f"{dataset}: task folder(s) {missing} of the champion are missing: rule champion_tasks_present")
+    client = registry.connect(tracking_uri)
+    client.set_tag(run_id, "task_versions", json.dumps(versions))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(reports, "validation/great_expectations.json")
+        mlflow.log_params({"data_version": data_version, "tasks": ",".join(sorted(versions))})
+    if failures:
+        message = "\n".join(failures)
+        client.set_tag(run_id, "moecl.validation_errors", message[:5000])
+        _end_run(tracking_uri, run_id, "validation_failed", "FAILED")
+        raise ValidationFailed("data validation failed:\n" + message)
+    return json.dumps(versions)
+
+
+def plan_tasks(versions: dict[str, str], best: registry.Champion | None) -> tuple[list[str], list[str], list[str]]:
+    """(all tasks in model order, new tasks, changed tasks) for this data version against the champion."""
+    known = read_manifest(best.checkpoint)["tasks"] if best else []
+    new = sorted(set(versions) - set(known))
+    changed = [t for t in known if best and best.task_versions.get(t) != versions.get(t)]
+    return known + new, new, changed
+
+
+def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str, task_versions_json: str,
+          model_dir: str) -> dict:
+    """Continue the champion (or start fresh) with the version's new and changed tasks."""
+    from .trainer import Trainer
+
+    dataset, versions = Path(dataset_dir), json.loads(task_versions_json)
+    with tempfile.TemporaryDirectory() as scratch:
+        best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
+        order, new, changed = plan_tasks(versions, best)
+        trainer = Trainer(run_config(settings, dataset, order), Path(scratch) / "run")
+        plan = [[trainer.task_data[t]] for t in changed + new]
+        if best:
+            metrics = trainer.extend(read_manifest(best.checkpoint), plan)
+        else:
+            metrics = trainer.run()
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(trainer.run_dir / "checkpoint", model_dir)
+    summary = {"new_tasks": new, "changed_tasks": changed, "parent_champion": best.version if best else None,
+               "train_seconds": metrics["train_seconds"]}
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if k != "train_seconds"})
+        mlflow.log_params({"method": settings.get("method", "moecl"), "backbone": settings.get("backbone")})
+        mlflow.log_metric("train_seconds", metrics["train_seconds"])
+    return summary
+
+
+def _accuracies(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> dict[str, float]:
+    model, prompts, _ = load_model(checkpoint)
+    result = {}
+    for task in tasks:
+        data = load_task(task, dataset / task)
+        examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
+        result[task] = accuracy(model, prompts[task], examples, settings.eval.batch_size, progress=True)
+    return result
+
+
+def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str, model_dir: str,
+             train_summary: dict, evaluation_path: str) -> dict:
+    """Accuracy on every task seen so far for the candidate and, on the same test data, the champion."""
+    dataset, candidate_dir = Path(dataset_dir), Path(model_dir)
+    manifest = read_manifest(candidate_dir)
+    tasks = manifest["tasks"]
+    cfg = run_config(settings, dataset, tasks)
+    candidate = _accuracies(candidate_dir, dataset, tasks, cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
+        champion = _accuracies(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg) if best else None
+    matrix = manifest["progress"]["matrix"]
+    summary = summarise(tasks, matrix)
+    evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
+                  "champion": champion, "champion_version": best.version if best else None,
+                  "champion_aa": sum(champion.values()) / len(champion) if champion else None,
+                  "trained_tasks": train_summary["changed_tasks"] + train_summary["new_tasks"],
+                  "parent_champion": train_summary["parent_champion"]}
+    Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(evaluation_path).write_text(json.dumps(evaluation, indent=2))
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
+        mlflow.log_metrics({"aa": evaluation["candidate_aa"], **({"bwt": summary["bwt"]} if summary["bwt"] is not None else {})})
+        mlflow.log_metrics({f"accuracy.{t}": a for t, a in candidate.items()})
+        # The newest task cannot have forgotten anything yet: logged as 0 so every task has a series.
+        mlflow.log_metrics({f"forgetting.{t}": summary["forgetting"].get(t, 0.0) for t in tasks})
+        if champion:
+            mlflow.log_metrics({f"champion_accuracy.{t}": a for t, a in champion.items()})
+            mlflow.log_metric("champion_aa", evaluation["champion_aa"])
+        heatmap = Path(scratch) / "accuracy_matrix.png"
+        plot_heatmap(tasks, matrix, heatmap, "accuracy after each stage")
+        mlflow.log_artifact(str(heatmap), "evaluation")
+        mlflow.log_dict(evaluation, "evaluation/evaluation.json")
+    return evaluation
+
+
+def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, evaluation: dict, data_version: str,
+             task_versions_json: str, method: str) -> str:
+    tags = {
+        "data_version": data_version, "task_versions": task_versions_json, "git_commit": registry.git_commit(),
+        "method": method, "aa": f"{evaluation['candidate_aa']:.4f}",
+        "bwt": "n/a" if evaluation["bwt"] is None else f"{evaluation['bwt']:.4f}",
+        "accuracy": json.dumps(evaluation["candidate"]),
+        "parent_champion_version": str(evaluation["parent_champion"] or "none"),
+    }
+    return registry.register(tracking_uri, model_name, run_id, model_dir, tags)
+
+
+def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
+            thresholds: dict) -> dict:
+    """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""
+    decision = decide(evaluation["candidate"], evaluation["champion"], evaluation["trained_tasks"],
+                      GateThresholds(**thresholds))
+    client = registry.connect(tracking_uri)
+    if decision.passed:
+        previous = registry.promote(tracking_uri, model_name, version)
+        client.set_model_version_tag(model_name, version, "moecl.promotion", "promoted")
+        _end_run(tracking_uri, run_id, "promoted")
+        log.info("version %s is now champion (previous: %s)", version, previous)
+    else:
+        previous = None
+        client.set_model_version_tag(model_name, version, "moecl.promotion", "rejected")
+        client.set_model_version_tag(model_name, version, "moecl.rejection_reasons", "; ".join(decision.reasons))
+        _end_run(tracking_uri, run_id, "rejected")
+        log.warning("version %s not promoted: %s", version, "; ".join(decision.reasons))
+    return {**asdict(decision), "version": version, "previous_champion": previous}

@@ -1,0 +1,135 @@
+"""Dataset versions with DVC: `data/` (one folder per task) is tracked by `data.dvc`.
+
+A dataset version is the content hash DVC records for `data/` (its `.dir` object); a task version is
+the hash of that task's file entries in the `.dir` listing. Pipeline steps fetch a version by its
+hash from the DVC remote, so what they train on is exactly what was validated, whatever the
+working copy holds by then.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DATA_DIR = "data"
+DVC_FILE = "data.dvc"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    hash: str  # the md5 of the `.dir` object, without the '.dir' suffix
+    remote: str  # DVC remote URL or path the version was pushed to
+
+    @property
+    def short(self) -> str:
+        return self.hash[:12]
+
+
+def _dvc_repo(project: Path):
+    from dvc.repo import Repo
+
+    return Repo(str(project))
+
+
+def init_project(project: str | Path, remote: str | Path) -> Path:
+    """Make `project` a DVC project (no git needed) whose default remote is `remote`."""
+    from dvc.repo import Repo
+
+    project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
+    if not (project / ".dvc").is_dir():
+        Repo.init(str(project), no_scm=True)
+    config = project / ".dvc" / "config"
+    remote = str(remote)
+    remote_url = remote if "://" in remote else str(Path(remote).resolve())
+    config.write_text(f"[core]\n    remote = storage\n    no_scm = True\n['remote \"storage\"']\n    url = {remote_url}\n")
+    return project
+
+
+def remote_url(project: str | Path) -> str:
+    repo = _dvc_repo(Path(project))
+    try:
+        name = repo.config["core"]["remote"]
+        return repo.config["remote"][name]["url"]
+    finally:
+        repo.close()
+
+
+def snapshot(project: str | Path) -> DataVersion:
+    """Record the current `data/` as a version (`dvc add`) and push it to the remote."""
+    project = Path(project)
+    repo = _dvc_repo(project)
+    try:
+        repo.add(str(project / DATA_DIR))
+        repo.push()
+    finally:
+        repo.close()
+    return current_version(project)
+
+
+def current_version(project: str | Path) -> DataVersion:
+    """The version `data.dvc` points at (what a trigger compares against processed versions)."""
+    dvc_file = Path(project) / DVC_FILE
+    if not dvc_file.is_file():
+        raise FileNotFoundError(f"{dvc_file}: no DVC-tracked data (run `dvc add data` first)")
+    outs = yaml.safe_load(dvc_file.read_text()).get("outs") or []
+    md5 = outs[0].get("md5", "") if outs else ""
+    if not md5.endswith(".dir"):
+        raise ValueError(f"{dvc_file}: expected a tracked directory (an md5 ending in .dir), got {md5!r}")
+    return DataVersion(md5.removesuffix(".dir"), remote_url(project))
+
+
+def _object_path(remote: str, md5: str) -> str:
+    return f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def _remote_fs(remote: str):
+    """An fsspec filesystem for the remote (local path, s3://, gs://, ... as DVC supports)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(remote)[0]
+
+
+def dir_listing(version: DataVersion) -> list[dict]:
+    """The `.dir` object: [{'relpath': ..., 'md5': ...}] for every file of the version."""
+    fs = _remote_fs(version.remote)
+    path = _object_path(version.remote, version.hash) + ".dir"
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data version {version.hash} is not in the DVC remote {version.remote} (was it pushed?)")
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def task_versions(version: DataVersion) -> dict[str, str]:
+    """Per task folder: a hash of its files' (name, md5) entries, so an edit to one task leaves
+    the others' versions unchanged."""
+    per_task: dict[str, list[str]] = {}
+    for entry in dir_listing(version):
+        task, _, name = entry["relpath"].partition("/")
+        if name:
+            per_task.setdefault(task, []).append(f"{name}:{entry['md5']}")
+    return {task: hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
+            for task, items in sorted(per_task.items())}
+
+
+def materialize(version: DataVersion, dest: str | Path) -> Path:
+    """Copy the version's files from the remote into `dest`, checking every file's md5."""
+    fs = _remote_fs(version.remote)
+    dest = Path(dest)
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for entry in dir_listing(version):
+        target = staging / entry["relpath"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open(_object_path(version.remote, entry["md5"]), "rb") as src:
+            data = src.read()
+        if hashlib.md5(data).hexdigest() != entry["md5"]:
+            raise ValueError(f"{entry['relpath']}: content in the DVC remote does not match its md5")
+        target.write_bytes(data)
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest

@@ -1,0 +1,95 @@
+"""Launch one pipeline run for one data version: embedded (kfp.local) or on a Kubeflow cluster.
+
+The launcher opens the run's MLflow run first, so the data version counts as taken before any step
+starts, and passes the registry's current champion as the run's parent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from moecl import pipeline_steps, registry
+from moecl.config import config_from_dict
+from moecl.versioning import DataVersion
+
+from .pipeline import build
+
+SETTINGS = Path(__file__).with_name("settings.yaml")
+from components import CLUSTER_SETTINGS as CLUSTER
+log = logging.getLogger("moecl.launcher")
+
+
+@dataclass
+class PipelineSettings:
+    model_name: str = "moecl"
+    training: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path = SETTINGS) -> "PipelineSettings":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(raw) - {"model_name", "training", "validation", "gate"})
+        if unknown:
+            raise ValueError(f"{path}: unknown key '{unknown[0]}'")
+        settings = cls(**raw)
+        # Fail now on a bad training section, not after validation ran in the pipeline.
+        config_from_dict({**settings.training, "tasks": [{"name": "check", "data": "."}]}, source=str(path))
+        return settings
+
+
+@dataclass
+class Workdir:
+    """Where an embedded run keeps its state: MLflow (sqlite + artifacts) and KFP outputs/cache."""
+    root: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+
+def arguments(settings: PipelineSettings, version: DataVersion, tracking_uri: str, run_id: str) -> dict:
+    return {
+        "data_version": version.hash, "data_remote": version.remote, "tracking_uri": tracking_uri, "run_id": run_id,
+        "parent_version": registry.alias_version(tracking_uri, settings.model_name, registry.CHAMPION) or "",
+        "model_name": settings.model_name, "settings_json": json.dumps(settings.training),
+        "rules_json": json.dumps(settings.validation), "thresholds_json": json.dumps(settings.gate),
+    }
+
+
+def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir) -> str:
+    """Run the whole DAG on this machine, each step a subprocess in the current environment."""
+    from kfp import local
+
+    workdir.root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = workdir.tracking_uri
+    run_id = pipeline_steps.start_run(tracking_uri, version.hash, str(workdir.artifacts))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir.root / "pipeline-root"),
+               raise_on_error=True)
+    try:
+        build()(**arguments(settings, version, tracking_uri, run_id))
+    except BaseException:
+        pipeline_steps.fail_run(tracking_uri, run_id)
+        raise
+    return run_id
+
+
+def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str,
+           experiment: str = "moecl") -> str:
+    """Submit the run to a Kubeflow Pipelines host; train and evaluate go to the GPU node pool."""
+    import kfp
+
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    run_id = pipeline_steps.start_run(tracking_uri, version.hash)
+    client = kfp.Client(host=host)
+    client.create_run_from_pipeline_func(build(cluster["gpu"]), arguments=arguments(settings, version, tracking_uri, run_id),
+                                         run_name=f"moecl-data-{version.short}", experiment_name=experiment)
+    return run_id

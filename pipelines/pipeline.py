@@ -1,0 +1,54 @@
+"""The DAG: validate -> train -> evaluate -> register -> promote. Wiring only; steps live in moecl."""
+
+from kfp import dsl, kubernetes
+
+from components.evaluate import evaluate
+from components.promote import promote
+from components.register import register
+from components.train import train
+from components.validate_data import validate_data
+
+PIPELINE_NAME = "moecl-continual-training"
+
+
+def _on_gpu_pool(task: dsl.PipelineTask, gpu: dict) -> None:
+    """Schedule a heavy step on the GPU node pool described in infra/cluster.yaml."""
+    task.set_accelerator_type(gpu["accelerator_type"]).set_accelerator_limit(gpu["accelerator_limit"])
+    task.set_cpu_request(str(gpu["cpu_request"])).set_memory_request(gpu["memory_request"])
+    task.set_memory_limit(gpu["memory_limit"]).set_retry(num_retries=gpu["retries"])
+    for label, value in gpu["node_selector"].items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    for toleration in gpu["tolerations"]:
+        kubernetes.add_toleration(task, **toleration)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=gpu["shm_size"])
+    kubernetes.set_timeout(task, gpu["timeout_seconds"])
+
+
+def build(gpu: "dict | None" = None):
+    """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Add each new task dataset version to the MoE-CL champion "
+                  "without forgetting: validate, train, evaluate every task, register, gated promotion.")
+    def continual_training(data_version: str, data_remote: str, tracking_uri: str, run_id: str,
+                           parent_version: str = "", model_name: str = "moecl", settings_json: str = "{}",
+                           rules_json: str = "{}", thresholds_json: str = "{}"):
+        common = {"tracking_uri": tracking_uri, "model_name": model_name, "run_id": run_id}
+        validated = validate_data(**common, parent_version=parent_version, data_remote=data_remote,
+                                  data_version=data_version, rules_json=rules_json)
+        validated.set_display_name("validate")
+        trained = train(**common, parent_version=parent_version, settings_json=settings_json,
+                        task_versions=validated.outputs["Output"], dataset=validated.outputs["dataset"])
+        evaluated = evaluate(**common, parent_version=parent_version, settings_json=settings_json,
+                             train_summary=trained.outputs["Output"], dataset=validated.outputs["dataset"],
+                             model=trained.outputs["model"])
+        registered = register(**common, data_version=data_version, task_versions=validated.outputs["Output"],
+                              settings_json=settings_json, evaluation=evaluated.outputs["Output"],
+                              model=trained.outputs["model"])
+        promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
+                thresholds_json=thresholds_json)
+        if gpu:
+            _on_gpu_pool(trained, gpu)
+            _on_gpu_pool(evaluated, gpu)
+
+    return continual_training

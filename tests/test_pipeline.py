@@ -1,0 +1,122 @@
+"""The whole pipeline, embedded (kfp.local + sqlite MLflow + local DVC remote), on a tiny model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from moecl import registry
+from moecl.cli import main
+from moecl.trigger import trigger
+from moecl.versioning import init_project, snapshot
+from pipelines.launcher import PipelineSettings, Workdir, run_embedded
+from tests.conftest import write_task
+
+TINY_TRAINING = {
+    "backbone": "tiny-random-llama", "method": "moecl",
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "train": {"epochs": 6, "batch_size": 4, "lr": 0.05, "max_length": 64, "seed": 0},
+    "eval": {"batch_size": 8},
+}
+RULES = {"min_rows_per_label_train": 4, "min_rows_per_label_test": 2}
+LENIENT_GATE = {"min_new_task_accuracy": 0.0, "max_old_task_drop": 1.0, "max_aa_drop": 1.0}
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = init_project(tmp_path / "project", tmp_path / "dvc-remote")
+    write_task(root / "data" / "topics", ["sports", "science", "politics"])
+    write_task(root / "data" / "sentiment", ["bad", "good"], salt="review ")
+    return root
+
+
+def _launcher(tmp_path, **overrides):
+    settings = PipelineSettings(model_name="moecl", training={**TINY_TRAINING, **overrides.pop("training", {})},
+                                validation=RULES, gate={**LENIENT_GATE, **overrides.pop("gate", {})})
+    workdir = Workdir(tmp_path / "work")
+    return workdir.tracking_uri, lambda version: run_embedded(version, settings, workdir)
+
+
+def _versions(tracking_uri):
+    return sorted(int(v.version) for v in MlflowClient(tracking_uri).search_model_versions("name='moecl'"))
+
+
+def _runs(tracking_uri):
+    return MlflowClient(tracking_uri).search_runs([registry.experiment_id(tracking_uri)])
+
+
+def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
+    tracking_uri, launch = _launcher(tmp_path)
+    snapshot(project)
+    assert trigger(project, tracking_uri, launch)
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "1"
+
+    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
+    snapshot(project)
+    second_run = trigger(project, tracking_uri, launch)
+    assert second_run and len(_runs(tracking_uri)) == 2
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
+    assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) == "1"
+    run = MlflowClient(tracking_uri).get_run(second_run)
+    for task in ("topics", "sentiment", "animals"):
+        assert f"forgetting.{task}" in run.data.metrics and f"accuracy.{task}" in run.data.metrics
+    for task in ("topics", "sentiment"):
+        assert f"champion_accuracy.{task}" in run.data.metrics
+    version = MlflowClient(tracking_uri).get_model_version("moecl", "2")
+    assert version.tags["parent_champion_version"] == "1" and version.tags["method"] == "moecl"
+    assert set(json.loads(version.tags["task_versions"])) == {"topics", "sentiment", "animals"}
+
+    assert trigger(project, tracking_uri, launch) is None  # no new data: no run
+    assert len(_runs(tracking_uri)) == 2
+
+    bad = project / "data" / "animals" / "train.jsonl"
+    bad.write_text(bad.read_text() + json.dumps({"text": "a hamster hamster", "label": "hamster"}) + "\n")
+    snapshot(project)
+    with pytest.raises(RuntimeError):
+        trigger(project, tracking_uri, launch)
+    failed = [r for r in _runs(tracking_uri) if r.data.tags.get(registry.TAG_OUTCOME) == "validation_failed"]
+    assert len(failed) == 1
+    errors = failed[0].data.tags["moecl.validation_errors"]
+    assert "animals/train.jsonl" in errors and "label_in_labels_json" in errors
+    assert _versions(tracking_uri) == [1, 2]
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
+
+    model = registry.fetch(tracking_uri, "moecl", "2", tmp_path / "served")
+    assert model is not None  # the registered pyfunc answers {task, text} -> label
+    import mlflow.pyfunc
+    import pandas as pd
+
+    served = mlflow.pyfunc.load_model("models:/moecl@champion")
+    answers = served.predict(pd.DataFrame({"task": ["animals", "topics"], "text": ["dog dog dog", "sports sports"]}))
+    assert answers[0] in {"cat", "dog", "bird", "fish"} and answers[1] in {"sports", "science", "politics"}
+
+
+def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, project):
+    tracking_uri, launch = _launcher(tmp_path)
+    snapshot(project)
+    trigger(project, tracking_uri, launch)
+    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
+    snapshot(project)
+    trigger(project, tracking_uri, launch)
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
+
+    # A deliberately harmful run: a huge learning rate wrecks the shared expert every task uses.
+    _, harmful = _launcher(tmp_path, training={"train": {**TINY_TRAINING["train"], "lr": 50.0}},
+                           gate={"max_old_task_drop": 0.0})
+    write_task(project / "data" / "colors", ["red", "blue"], salt="paint ")
+    snapshot(project)
+    trigger(project, tracking_uri, harmful)
+    client = MlflowClient(tracking_uri)
+    rejected = client.get_model_version("moecl", "3")
+    assert rejected.tags["moecl.promotion"] == "rejected"
+    assert "accuracy fell" in rejected.tags["moecl.rejection_reasons"]
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
+    assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) == "1"
+
+    assert main(["rollback", "--workdir", str(tmp_path / "work")]) == 0
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "1"
+    assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) is None
+    assert client.get_model_version("moecl", "2").tags["moecl.rolled_back"] == "true"
+    assert main(["rollback", "--workdir", str(tmp_path / "work")]) == 2  # nothing left to roll back to

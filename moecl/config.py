@@ -58,6 +58,7 @@ class TrainConfig:
     max_length: int = 128
     max_per_label: int | None = None
     seed: int = 0
+    max_grad_norm: float | None = None  # clip the global gradient norm (None: no clipping)
 
 
 @dataclass

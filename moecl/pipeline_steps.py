@@ -8,10 +8,13 @@ parent), so a run's result does not depend on what other runs promote meanwhile,
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +31,22 @@ from .validation import ValidationRules, validate_task
 from .versioning import DataVersion, materialize, task_versions
 
 log = logging.getLogger("moecl.pipeline")
+
+
+def _timed(step):
+    """Log the step's wall time to the pipeline's MLflow run as `seconds.<step>`, pass or fail."""
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        started = time.time()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            registry.connect(call["tracking_uri"]).log_metric(call["run_id"], f"seconds.{step.__name__}",
+                                                              time.time() - started)
+    return wrapper
 
 
 class ValidationFailed(RuntimeError):
@@ -62,6 +81,7 @@ def fail_run(tracking_uri: str, run_id: str, outcome: str = "failed") -> None:
         _end_run(tracking_uri, run_id, outcome, "FAILED")
 
 
+@_timed
 def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, data_remote: str,
              data_version: str, rules: dict, dataset_dir: str) -> str:
     """Fetch the version and validate every task folder with Great Expectations; the report goes
@@ -102,6 +122,7 @@ def plan_tasks(versions: dict[str, str], best: registry.Champion | None) -> tupl
     return known + new, new, changed
 
 
+@_timed
 def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str, task_versions_json: str,
           model_dir: str) -> dict:
     """Continue the champion (or start fresh) with the version's new and changed tasks."""
@@ -138,6 +159,7 @@ def _accuracies(checkpoint: Path, dataset: Path, tasks: list[str], settings: Con
     return result
 
 
+@_timed
 def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str, model_dir: str,
              train_summary: dict, evaluation_path: str) -> dict:
     """Accuracy on every task seen so far for the candidate and, on the same test data, the champion."""
@@ -173,6 +195,7 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     return evaluation
 
 
+@_timed
 def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, evaluation: dict, data_version: str,
              task_versions_json: str, method: str) -> str:
     tags = {
@@ -185,6 +208,7 @@ def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, ev
     return registry.register(tracking_uri, model_name, run_id, model_dir, tags)
 
 
+@_timed
 def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
             thresholds: dict) -> dict:
     """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""

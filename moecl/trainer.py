@@ -164,6 +164,8 @@ class Trainer:
                 loss, stats = self._step_loss(rows, supervised, stage[-1].name)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 optimizer.step()
                 step += 1
                 bar.update(1)

@@ -45,8 +45,10 @@ def build(gpu: "dict | None" = None):
         registered = register(**common, data_version=data_version, task_versions=validated.outputs["Output"],
                               settings_json=settings_json, evaluation=evaluated.outputs["Output"],
                               model=trained.outputs["model"])
-        promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
-                thresholds_json=thresholds_json)
+        promoted = promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
+                           thresholds_json=thresholds_json)
+        for step in (registered, promoted):  # registry side effects must happen on every run
+            step.set_caching_options(False)
         if gpu:
             _on_gpu_pool(trained, gpu)
             _on_gpu_pool(evaluated, gpu)

@@ -41,7 +41,7 @@ def write_config(path: Path, task_dirs: dict[str, Path], **overrides) -> Path:
         "backbone": TINY_LLAMA,
         "method": "moecl",
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "adversarial": {"weight": 0.5},
+        "adversarial": {"weight": 0.1},
         "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "max_length": 96, "seed": 3},
         "eval": {"batch_size": 4},
         "tasks": [{"name": name, "data": str(folder)} for name, folder in task_dirs.items()],

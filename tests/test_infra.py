@@ -436,10 +436,10 @@ def test_trigger_cronjob(kdir):
     (container,) = pod["containers"]
     argv = list(container.get("command") or []) + list(container.get("args") or [])
     assert argv[:2] == ["moecl", "trigger"], argv
-    for flag in ("--host", "--mlflow-uri"):
+    for flag in ("--host", "--tracking-uri", "--project"):
         assert flag in argv and argv.index(flag) + 1 < len(argv), f"{flag} missing a value"
     host = expand(argv[argv.index("--host") + 1], container, objects)
-    mlflow_uri = expand(argv[argv.index("--mlflow-uri") + 1], container, objects)
+    mlflow_uri = expand(argv[argv.index("--tracking-uri") + 1], container, objects)
     assert urlparse(host).scheme in ("http", "https") and urlparse(host).hostname, host
     assert mlflow_uri == cluster()["mlflow_tracking_uri"]
 
@@ -566,13 +566,13 @@ def test_dockerfile_installs_the_project_and_kfp():
     source_dirs = {parts[-1].rstrip("/") for parts in copies if parts[:-1] == ["."]}
     assert source_dirs, "the source tree is not copied"
     installs = [i for keyword, args in instructions if keyword == "RUN" for i in pip_installs(args)]
-    project = [i for i in installs if source_dirs & {t.rstrip("/") for t in i}]
+    project = [i for i in installs if source_dirs & {t.split("[")[0].rstrip("/") for t in i}]  # path[extras]
     assert project, "the copied project is never pip-installed"
     assert all("--no-cache-dir" in i for i in installs)
     assert any("kfp==2.17.0" in i for i in installs), "kfp==2.17.0 must be in the image"
     for tokens in installs:
         for token in tokens:
-            if token.startswith("-") or token.rstrip("/") in source_dirs or token == ".":
+            if token.startswith("-") or token.split("[")[0].rstrip("/") in source_dirs or token == ".":
                 continue
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[A-Za-z0-9_.+\-]+", token), f"unpinned: {token}"
 

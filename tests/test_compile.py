@@ -1,0 +1,69 @@
+"""The compiled pipeline YAML: current, parseable, GPU settings on train/evaluate, and every step
+running in the image infra/Dockerfile builds with the command that image provides."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kfp
+import yaml
+
+from pipelines.__main__ import COMPILED, compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = yaml.safe_load((ROOT / "infra" / "cluster.yaml").read_text())
+
+
+def _compiled(tmp_path):
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    return fresh, list(yaml.safe_load_all(fresh.read_text()))
+
+
+def test_checked_in_yaml_is_the_current_compile(tmp_path):
+    fresh, _ = _compiled(tmp_path)
+    assert COMPILED.read_text() == fresh.read_text(), "run `python -m pipelines compile` and commit the YAML"
+
+
+def test_dag_order_and_parameters(tmp_path):
+    _, (spec, _) = _compiled(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"validate-data", "train", "evaluate", "register", "promote"}
+    assert tasks["train"]["dependentTasks"] == ["validate-data"]
+    assert set(tasks["evaluate"]["dependentTasks"]) == {"train", "validate-data"}
+    assert "evaluate" in tasks["register"]["dependentTasks"] and "register" in tasks["promote"]["dependentTasks"]
+    assert {"data_version", "data_remote", "parent_version", "run_id"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+    for step in ("register", "promote"):
+        assert tasks[step]["cachingOptions"] == {}  # side effects: never served from cache
+
+
+def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
+    _, (spec, platform) = _compiled(tmp_path)
+    gpu = CLUSTER["gpu"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("train", "evaluate"):
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == gpu["accelerator_type"]
+        assert resources["accelerator"]["resourceCount"] == str(gpu["accelerator_limit"])
+        assert resources["resourceMemoryLimit"] == gpu["memory_limit"]
+        assert spec["root"]["dag"]["tasks"][step]["retryPolicy"]["maxRetryCount"] == gpu["retries"]
+        settings = k8s[f"exec-{step}"]
+        assert settings["nodeSelector"]["labels"] == gpu["node_selector"]
+        assert settings["tolerations"] == gpu["tolerations"]
+        assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert settings["emptyDirMounts"][0]["sizeLimit"] == gpu["shm_size"]
+        assert settings["activeDeadlineSeconds"] == str(gpu["timeout_seconds"])
+    for step in ("validate-data", "register", "promote"):
+        assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get("resources", {})
+
+
+def test_every_step_runs_in_the_dockerfile_image(tmp_path):
+    _, (spec, _) = _compiled(tmp_path)
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    assert f"kfp=={kfp.__version__}" in dockerfile  # the executor below comes from this kfp
+    assert re.search(r"pip install[^\n]*\\\n\s+/opt/moecl\b", dockerfile)  # and moecl itself
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["image"] == CLUSTER["image"], name
+        assert "python3 -m kfp.dsl.executor_main" in container["command"][2], name
+        assert "pip install" not in " ".join(container["command"]), name  # nothing installed at run time
+        assert "from moecl import pipeline_steps" in container["command"][-1], name

@@ -102,13 +102,17 @@ _SECTIONS = {
 }
 
 
-def _build(cls, raw: Any, where: str, source: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+def _reject_unknown(raw: dict, cls, prefix: str, source: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}' (allowed: {', '.join(sorted(names))})")
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (allowed: {', '.join(sorted(names))})")
+
+
+def _build(cls, raw: Any, where: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+    _reject_unknown(raw, cls, f"{where}.", source)
     try:
         return cls(**raw)
     except TypeError as err:
@@ -125,10 +129,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
     base_dir = base_dir or Path.cwd()
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    top = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - top)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(top))})")
+    _reject_unknown(raw, Config, "", source)
     if not raw.get("tasks"):
         raise ConfigError(f"{source}: 'tasks' must list at least one task")
     if not isinstance(raw["tasks"], list):
@@ -147,9 +148,14 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
     sections = {key: _build(cls, raw[key], key, source) for key, cls in _SECTIONS.items() if key in raw}
     plain = {k: raw[k] for k in ("backbone", "method", "head") if k in raw}
     cfg = Config(tasks=tasks, **plain, **sections)
+    if not isinstance(cfg.backbone, str):
+        raise ConfigError(f"{source}: 'backbone' must be a string")
     if (base_dir / cfg.backbone).is_dir():  # a local model folder, given relative to the config
         cfg.backbone = str((base_dir / cfg.backbone).resolve())
-    _check(cfg, source)
+    try:
+        _check(cfg, source)
+    except TypeError as err:  # e.g. lr: "fast"
+        raise ConfigError(f"{source}: a value has the wrong type: {err}") from None
     return cfg
 
 

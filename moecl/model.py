@@ -38,7 +38,7 @@ def inject_experts(backbone: nn.Module, routing: Routing, lora: LoraConfig) -> l
     ffn_targets = [t for t in lora.targets if t in FFN_PROJECTIONS]
     other_targets = set(lora.targets) - set(ffn_targets)
     replacements: list[tuple[nn.Module, str, ExpertModule]] = []
-    for name, module in backbone.named_modules():
+    for module in backbone.modules():
         for child_name, child in module.named_children():
             if ffn_targets and _is_gated_ffn(child):
                 replacements.append((module, child_name, MoEFeedForward(child, routing, ffn_targets, lora_args)))

@@ -48,7 +48,7 @@ def build_prompts(cfg: Config, tokenizer, tasks: list[TaskData]) -> dict[str, Ta
     instructions = {t.name: t.instruction for t in cfg.tasks}
     prompts = {t.name: TaskPrompt(tokenizer, t.name, t.labels, cfg.train.max_length, instructions[t.name]) for t in tasks}
     for prompt in prompts.values():
-        prompt.text_budget  # fail now, not mid-run, if an instruction leaves no room for text
+        prompt.prompt("")  # fail now, not mid-run, if an instruction leaves no room for text
     return prompts
 
 

@@ -63,7 +63,8 @@ def test_shipped_configs_parse():
     assert orders["mtl5-order1"] == ["dbpedia", "amazon", "yahoo", "agnews"]
 
 
-@pytest.mark.parametrize("bad", [{"tasks": []}, {"lora": {"targets": ["q_proj"]}}, {"train": {"lr": -1}}])
+@pytest.mark.parametrize("bad", [{"tasks": []}, {"lora": {"targets": ["q_proj"]}}, {"train": {"lr": -1}},
+                                 {"train": {"lr": "fast"}}])
 def test_invalid_values_are_rejected(tmp_path, task_dirs, capsys, bad):
     config = write_config(tmp_path / "c.yaml", task_dirs)
     raw = yaml.safe_load(config.read_text())

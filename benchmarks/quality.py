@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/quality.json")
     parser.add_argument("--resume", action="store_true", help="continue unfinished method runs in --out")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
     out = Path(args.out)
     started = time.time()

@@ -75,16 +75,23 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
     parser.add_argument("--json", default="benchmarks/results/quality.json")
     parser.add_argument("--resume", action="store_true", help="continue unfinished method runs in --out")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --methods and replace their rows in an existing --json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
     out = Path(args.out)
     started = time.time()
+    previous = json.loads(Path(args.json).read_text()) if args.update else {"results": {}, "total_seconds": 0.0}
     results = {}
     for method in args.methods:
         results[method] = run_method(method, args, out)
         print(f"\n{method}: AA {100 * results[method]['aa']:.1f} in {results[method]['wall_seconds']:.0f}s", flush=True)
     total = time.time() - started
+    if args.update:  # keep the other methods' rows, in their order
+        replaced = sum(previous["results"][m]["wall_seconds"] for m in results if m in previous["results"])
+        total += previous["total_seconds"] - replaced
+        results = {m: results.get(m, r) for m, r in previous["results"].items()} | results
     tasks = ORDERS[args.order]
     print(f"\nMTL5 {args.order} ({', '.join(tasks)}), {args.backbone}, {args.train_per_label} train / "
           f"{args.test_per_label} test examples per label, {args.epochs} epoch(s), lr {args.lr}, "

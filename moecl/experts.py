@@ -29,7 +29,8 @@ ROUTING_MODES = ("gated", "shared", "task", "sum")
 class LoRA(nn.Module):
     """One low-rank factor pair: delta(x) = scale * B @ A @ x. A starts random and B at zero, so a
     new expert leaves the model's output unchanged until it is trained. Dropout is applied by the
-    owning module, once per input, and shared by every expert reading that input."""
+    owning module, one mask per input position shared by every expert reading it (in the FFN, the
+    two experts' hidden states share one mask too): a random mask costs a full pass of its own."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float):
         super().__init__()
@@ -191,9 +192,10 @@ class MoEFeedForward(ExpertModule):
         # The base down projection is linear: applying it once to the mixed hidden state equals
         # mixing the two experts' outputs.
         out = self.base.down_proj(torch.lerp(hidden[1], hidden[0], w_shared))
-        shared_in = self.dropout(hidden[0])
+        keep = self.dropout(torch.ones_like(hidden[0])) if self.training and self.dropout.p > 0 else None
+        shared_in, task_in = (hidden[0], hidden[1]) if keep is None else (hidden[0] * keep, hidden[1] * keep)
         out = self.add_delta(SHARED, "down_proj", out, shared_in, w_shared)
-        out = self.add_delta("task", "down_proj", out, self.dropout(hidden[1]), 1 - w_shared)
+        out = self.add_delta("task", "down_proj", out, task_in, 1 - w_shared)
         if state.disc_labels is not None:
             self._discriminate(hidden[0], shared_in)
         return out
@@ -201,15 +203,19 @@ class MoEFeedForward(ExpertModule):
     def _discriminate(self, shared_hidden: torch.Tensor, shared_in: torch.Tensor) -> None:
         """Task logits from the shared expert's FFN output, mean-pooled over real tokens.
 
-        Pooling commutes with the (linear) down projection and its LoRA, so pooling the hidden
-        state first gives the pooled output exactly, without a second per-token down projection."""
-        mask = self.state.pool_mask.unsqueeze(-1).to(shared_hidden.dtype)
-        count = mask.sum(dim=1).clamp(min=1)
+        Pooling commutes with the (linear) down projection and its LoRA, so the hidden state is
+        pooled first (one batched matmul with the mask) and the LoRA input after its rank-r
+        projection: no second per-token down projection, no full-width masked copy."""
+        mask = self.state.pool_mask.to(shared_hidden.dtype).unsqueeze(1)  # (batch, 1, seq)
+        count = mask.sum(dim=-1).clamp(min=1)
 
         def pool(t: torch.Tensor) -> torch.Tensor:
-            return (t * mask).sum(dim=1) / count
+            return torch.bmm(mask, t).squeeze(1) / count
 
-        pooled = self.add_delta(SHARED, "down_proj", self.base.down_proj(pool(shared_hidden)), pool(shared_in))
+        pooled = self.base.down_proj(pool(shared_hidden))
+        if "down_proj" in self.shapes:
+            lora = self.experts[SHARED]["down_proj"]
+            pooled = _add_low_rank(pooled, pool(F.linear(shared_in, lora.A)) * lora.scale, lora.B)
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
 

@@ -76,9 +76,11 @@ def _trigger(args) -> int:
 
 
 def _rollback(args) -> int:
+    from pipelines.launcher import Workdir
+
     from .registry import rollback
 
-    tracking_uri = args.tracking_uri or f"sqlite:///{(Path(args.workdir) / 'mlflow.db').resolve()}"
+    tracking_uri = args.tracking_uri or Workdir(Path(args.workdir)).tracking_uri
     try:
         demoted, restored = rollback(tracking_uri, args.model_name)
     except ValueError as err:

@@ -1,28 +1,33 @@
-"""Every method side by side on one MTL5 task order: AA, BWT and R[i][i] next to chance.
+"""Every method on one task sequence over several seeds: AA, BWT, FWT as mean and 95% CI, R[i][i]
+next to chance, task-free routing accuracy, and the moecl - moecl-nogan difference paired by seed.
 
-All methods share one budget (examples per label, epochs, learning rate, max length), one seed and
-one evaluation set, and run in this process one after another. Prints a markdown table, writes JSON.
+Each finished (method, seed) run is written to the JSON at once, so an interrupted benchmark resumes
+where it stopped; `summary` is rebuilt from every run in the file. With --readme, the table between
+`<!-- quality:SEQUENCE -->` markers in that file is replaced by the new one.
 
-    python benchmarks/quality.py --data ../shared/data/mtl5 [--train-per-label 8] [--test-per-label 8]
+    python benchmarks/quality.py --sequence order1 --seeds 0 1 2 [--methods moecl inc-lora ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
 from moecl.config import METHODS, config_from_dict
+from moecl.metrics import mean_ci
 
-ORDERS = {
+SEQUENCES = {
     "order1": ["dbpedia", "amazon", "yahoo", "agnews"],
     "order2": ["dbpedia", "amazon", "agnews", "yahoo"],
     "order3": ["yahoo", "amazon", "agnews", "dbpedia"],
+    "five": ["dbpedia", "amazon", "yahoo", "agnews", "yelp"],
+    # yelp was never used to choose a design or a setting: a held-out check.
+    "heldout-pair": ["agnews", "yelp"],
 }
-
-
-def run_method(method: str, args, out: Path) -> dict:
+def run_one(method: str, seed: int, args, tasks: list[str]) -> dict:
     from moecl.trainer import Trainer
 
     raw = {
@@ -31,75 +36,139 @@ def run_method(method: str, args, out: Path) -> dict:
         "adversarial": {"weight": args.adversarial_weight},
         "memory": {"per_task": args.memory_per_task, "per_batch": args.memory_per_batch},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-                  "max_per_label": args.train_per_label, "seed": args.seed},
-        "eval": {"max_per_label": args.test_per_label, "batch_size": args.batch_size},
-        "tasks": [{"name": t, "data": str(Path(args.data) / t)} for t in ORDERS[args.order]],
+                  "max_per_label": args.train_per_label, "seed": seed},
+        "eval": {"max_per_label": args.test_per_label, "batch_size": 16, "forward_transfer": method != "mtl",
+                 "every_stage": False, "routing": method == "moecl"},
+        "router": {"fit_per_task": args.router_fit if method == "moecl" else 0},
+        "tasks": [{"name": t, "data": str(Path(args.data) / t)} for t in tasks],
     }
-    cfg = config_from_dict(raw, source=f"quality:{method}")
+    cfg = config_from_dict(raw, source=f"quality:{method}:seed{seed}")
     started = time.time()
-    metrics = Trainer(cfg, out / method).run(resume=args.resume)
+    metrics = Trainer(cfg, Path(args.out) / args.sequence / f"{method}-seed{seed}").run(resume=True)
     metrics["wall_seconds"] = round(time.time() - started, 1)
     return metrics
 
 
-def table(results: dict[str, dict], tasks: list[str]) -> str:
-    chance = next(iter(results.values()))["chance"]
-    head = "| method | AA | BWT | " + " | ".join(f"R[{t}][{t}] (chance {100 * chance[t]:.0f})" for t in tasks) + " | minutes |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
-    for method, m in results.items():
-        matrix = m["accuracy_matrix"]
-        # mtl trains once on everything: its single row is its R[i][i].
-        diagonal = matrix[0] if len(matrix) == 1 else [matrix[i][i] for i in range(len(tasks))]
-        bwt = "n/a" if m["bwt"] is None else f"{100 * m['bwt']:+.1f}"
-        lines.append(f"| {method} | {100 * m['aa']:.1f} | {bwt} | " + " | ".join(f"{100 * a:.1f}" for a in diagonal)
-                     + f" | {m['wall_seconds'] / 60:.1f} |")
+def diagonal(metrics: dict) -> list[float]:
+    matrix = metrics["accuracy_matrix"]
+    return matrix[0] if len(matrix) == 1 else [matrix[i][i] for i in range(len(matrix))]  # mtl: its one row
+
+
+def summarise(runs: dict[str, dict]) -> dict:
+    by_method: dict[str, dict[int, dict]] = {}
+    for key, metrics in runs.items():
+        method, seed = key.rsplit("/seed", 1)
+        by_method.setdefault(method, {})[int(seed)] = metrics
+    summary = {}
+    for method, seeds in by_method.items():
+        ms = list(seeds.values())
+        tasks = ms[0]["tasks"]
+        entry = {"seeds": len(ms), "aa": mean_ci([m["aa"] for m in ms])}
+        for key in ("bwt", "fwt"):
+            values = [m[key] for m in ms if m.get(key) is not None]
+            entry[key] = mean_ci(values) if values else None
+        entry["diagonal"] = {t: mean_ci([diagonal(m)[i] for m in ms]) for i, t in enumerate(tasks)}
+        routed = [m["routing_accuracy"] for m in ms if m.get("routing_accuracy")]
+        if routed:
+            entry["routing_accuracy"] = {t: mean_ci([r[t] for r in routed]) for t in tasks}
+        summary[method] = entry
+    if "moecl" in by_method and "moecl-nogan" in by_method:
+        paired = sorted(set(by_method["moecl"]) & set(by_method["moecl-nogan"]))
+        if paired:
+            summary["moecl minus moecl-nogan"] = {
+                "seeds": len(paired),
+                **{key: mean_ci([by_method["moecl"][s][key] - by_method["moecl-nogan"][s][key] for s in paired])
+                   for key in ("aa", "bwt")},
+            }
+    return summary
+
+
+def _points(stat: dict | None, signed: bool = False) -> str:
+    if stat is None:
+        return "n/a"
+    mean = f"{100 * stat['mean']:+.1f}" if signed else f"{100 * stat['mean']:.1f}"
+    return mean if stat["ci95"] is None else f"{mean} ± {100 * stat['ci95']:.1f}"
+
+
+def table(summary: dict, tasks: list[str], chance: dict[str, float]) -> str:
+    head = ("| method | seeds | AA | BWT | FWT | "
+            + " | ".join(f"R[{t}][{t}] (chance {100 * chance[t]:.0f})" for t in tasks) + " |")
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    for method, s in summary.items():
+        if method == "moecl minus moecl-nogan":
+            continue
+        cells = [_points(s["aa"]), _points(s["bwt"], True), _points(s["fwt"], True)]
+        cells += [_points(s["diagonal"][t]) for t in tasks]
+        lines.append(f"| {method} | {s['seeds']} | " + " | ".join(cells) + " |")
+    diff = summary.get("moecl minus moecl-nogan")
+    if diff:
+        lines.append(f"\nmoecl minus moecl-nogan, paired by seed ({diff['seeds']} seeds): "
+                     f"AA {_points(diff['aa'], True)}, BWT {_points(diff['bwt'], True)} points.")
+    routed = summary.get("moecl", {}).get("routing_accuracy")
+    if routed:
+        lines.append("Task-free routing accuracy (moecl's router, test texts): "
+                     + ", ".join(f"{t} {_points(routed[t])}" for t in tasks) + ".")
     return "\n".join(lines)
+
+
+def write_readme(path: Path, sequence: str, text: str) -> None:
+    begin, end = f"<!-- quality:{sequence} -->", f"<!-- /quality:{sequence} -->"
+    readme = path.read_text()
+    if begin not in readme:
+        raise SystemExit(f"{path}: no {begin} marker to put the {sequence} table under")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mtl5"))
-    parser.add_argument("--order", choices=sorted(ORDERS), default="order1")
+    parser.add_argument("--sequence", choices=sorted(SEQUENCES), default="order1")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--backbone", default="smollm2-135m-instruct")
     parser.add_argument("--train-per-label", type=int, default=8)
-    parser.add_argument("--test-per-label", type=int, default=8)
+    parser.add_argument("--test-per-label", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--adversarial-weight", type=float, default=0.1)
     parser.add_argument("--memory-per-task", type=int, default=16)
     parser.add_argument("--memory-per-batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--router-fit", type=int, default=256, help="training texts per task for the router")
     parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
-    parser.add_argument("--json", default="benchmarks/results/quality.json")
-    parser.add_argument("--resume", action="store_true", help="continue unfinished method runs in --out")
-    parser.add_argument("--update", action="store_true",
-                        help="re-run only --methods and replace their rows in an existing --json")
+    parser.add_argument("--json", help="default: benchmarks/results/quality-SEQUENCE.json")
+    parser.add_argument("--readme", type=Path, help="replace this file's table for the sequence")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-
-    out = Path(args.out)
-    started = time.time()
-    previous = json.loads(Path(args.json).read_text()) if args.update else {"results": {}, "total_seconds": 0.0}
-    results = {}
-    for method in args.methods:
-        results[method] = run_method(method, args, out)
-        print(f"\n{method}: AA {100 * results[method]['aa']:.1f} in {results[method]['wall_seconds']:.0f}s", flush=True)
-    total = time.time() - started
-    if args.update:  # keep the other methods' rows, in their order
-        replaced = sum(previous["results"][m]["wall_seconds"] for m in results if m in previous["results"])
-        total += previous["total_seconds"] - replaced
-        results = {m: results.get(m, r) for m, r in previous["results"].items()} | results
-    tasks = ORDERS[args.order]
-    print(f"\nMTL5 {args.order} ({', '.join(tasks)}), {args.backbone}, {args.train_per_label} train / "
-          f"{args.test_per_label} test examples per label, {args.epochs} epoch(s), lr {args.lr}, "
-          f"max_length {args.max_length}, seed {args.seed}; total {total / 60:.1f} min\n")
-    print(table(results, tasks))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "total_seconds": round(total, 1),
-                                                  "results": results}, indent=2))
+    logging.basicConfig(level=logging.WARNING)
+    tasks = SEQUENCES[args.sequence]
+    path = Path(args.json or f"benchmarks/results/quality-{args.sequence}.json")
+    settings = {k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "json", "readme", "out", "data")}
+    record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
+    if record["settings"] != settings:
+        raise SystemExit(f"{path} holds runs made with other settings {record['settings']}; pass another --json")
+    for seed in args.seeds:
+        for method in args.methods:
+            key = f"{method}/seed{seed}"
+            if key in record["runs"]:
+                continue
+            metrics = run_one(method, seed, args, tasks)
+            record["runs"][key] = metrics
+            record["summary"] = summarise(record["runs"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2))
+            print(f"{key}: AA {100 * metrics['aa']:.1f} in {metrics['wall_seconds']:.0f}s", flush=True)
+    record["summary"] = summarise(record["runs"])
+    path.write_text(json.dumps(record, indent=2))
+    chance = next(iter(record["runs"].values()))["chance"]
+    text = (f"{args.sequence} ({' → '.join(tasks)}); {args.backbone}; {args.train_per_label} train / "
+            f"{args.test_per_label} test examples per label; {args.epochs} epoch, batch {args.batch_size}, "
+            f"lr {args.lr}, max_length {args.max_length}; points, mean ± 95% CI over seeds.\n\n"
+            + table(record["summary"], tasks, chance))
+    print("\n" + text)
+    if args.readme:
+        write_readme(args.readme, args.sequence, text)
 
 
 if __name__ == "__main__":

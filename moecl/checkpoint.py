@@ -1,7 +1,8 @@
 """Checkpoints: adapter tensors in safetensors plus a JSON manifest, written after every task.
 
     DIR/checkpoint/manifest.json           backbone, method, config, tasks done, labels, data hashes, R so far
-    DIR/checkpoint/adapters/<group>.safetensors   one file per expert, 'router' (gates, discriminators), heads
+    DIR/checkpoint/adapters/<group>.safetensors   one file per expert (with its gates), 'router'
+                                                  (discriminators), heads, 'task-router' (task-free routing)
 
 A new checkpoint is written beside the old one and swapped in by renames, so an interruption
 never leaves a half-written checkpoint and never loses the previous one.
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .model import ContinualModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text-first prompts, per-task gates, task-router statistics
 CHECKPOINT = "checkpoint"
 
 

@@ -29,19 +29,16 @@ def _train(args) -> int:
 
 def _predict(args) -> int:
     from .checkpoint import load_model
-    from .scoring import predict
+    from .scoring import answer
 
     try:
         model, prompts, _ = load_model(args.model)
-    except USER_ERRORS as err:
-        print(f"moecl: error: {err}", file=sys.stderr)
+        answers = answer(model, prompts, args.texts, [args.task] * len(args.texts))
+    except (*USER_ERRORS, ValueError) as err:
+        print(f"moecl: error: {err} ({args.model})", file=sys.stderr)
         return 2
-    if args.task not in prompts:
-        print(f"moecl: error: task '{args.task}' is not in {args.model} (tasks: {', '.join(prompts)})", file=sys.stderr)
-        return 2
-    prompt = prompts[args.task]
-    for index in predict(model, prompt, args.texts, batch_size=8):
-        print(prompt.labels[index])
+    for task, label in answers:
+        print(label if args.task else f"{task}\t{label}")
     return 0
 
 
@@ -98,9 +95,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (checkpoint, metrics.json, heatmap.png)")
     train.add_argument("--resume", action="store_true", help="continue from the last complete task in --out")
     train.set_defaults(run=_train)
-    pred = commands.add_parser("predict", help="print one predicted label per TEXT")
+    pred = commands.add_parser("predict", help="print one predicted label per TEXT (TASK<tab>LABEL without --task)")
     pred.add_argument("--model", required=True, help="a run folder or its checkpoint folder")
-    pred.add_argument("--task", required=True)
+    pred.add_argument("--task", help="the texts' task; without it each text is routed to a task first")
     pred.add_argument("texts", nargs="+", metavar="TEXT")
     pred.set_defaults(run=_predict)
     for name, text in (("trigger", "launch one pipeline run if data.dvc holds a version not processed yet"),

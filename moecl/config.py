@@ -46,6 +46,24 @@ class MemoryConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What keeps old tasks' answers while the shared expert trains on a new task (moecl methods).
+
+    `distill`: weight of a KL term pulling the model's answer distribution on the memory inputs
+    toward the model's own answers before this stage (the teacher's answer is its prediction:
+    no gold labels are kept). `shared_l2`: weight of an L2 pull of the shared expert toward its
+    value at the start of the stage (a bounded update)."""
+    distill: float = 1.0
+    shared_l2: float = 0.0
+
+
+@dataclass
+class RouterConfig:
+    """Task-free routing: how many training texts per task describe it (0: no router)."""
+    fit_per_task: int = 256
+
+
+@dataclass
 class OLoraConfig:
     weight: float = 0.5
 
@@ -66,6 +84,8 @@ class EvalConfig:
     max_per_label: int | None = None
     batch_size: int = 8
     forward_transfer: bool = False
+    every_stage: bool = True  # False: only the stage's own tasks after each stage, every task after the last
+    routing: bool = True  # report task-free routing accuracy per task on the test sets
 
 
 @dataclass
@@ -84,6 +104,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     olora: OLoraConfig = field(default_factory=OLoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -96,6 +118,8 @@ _SECTIONS = {
     "lora": LoraConfig,
     "adversarial": AdversarialConfig,
     "memory": MemoryConfig,
+    "retention": RetentionConfig,
+    "router": RouterConfig,
     "olora": OLoraConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
@@ -178,6 +202,11 @@ def _check(cfg: Config, source: str) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.memory.per_task >= 0 and cfg.memory.per_batch >= 0, "memory sizes must be >= 0"),
         (cfg.adversarial.weight >= 0, "adversarial.weight must be >= 0"),
+        (cfg.retention.distill >= 0 and cfg.retention.shared_l2 >= 0, "retention weights must be >= 0"),
+        (cfg.router.fit_per_task >= 0, "router.fit_per_task must be >= 0"),
+        (not (cfg.head == "classifier" and cfg.method.startswith("moecl") and cfg.retention.distill > 0),
+         "retention.distill distils answer tokens and needs head 'lm'; set it to 0 with head 'classifier'"),
+        (not (cfg.eval.routing and cfg.router.fit_per_task == 0), "eval.routing needs router.fit_per_task > 0"),
         (not (cfg.eval.forward_transfer and cfg.head == "classifier"),
          "eval.forward_transfer needs head 'lm': an untrained classifier head has no baseline accuracy"),
     ]

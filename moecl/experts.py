@@ -3,8 +3,10 @@
 A wrapped module keeps the base layer untouched and adds low-rank deltas. Which experts run for an
 input, and how their outputs are combined, is a `Routing` decision shared by all wrapped modules:
 
-- "gated" (MoE-CL): the shared expert and the input's task expert, mixed per token by a softmax gate;
-  the shared expert's pooled FFN output also feeds a task discriminator through gradient reversal.
+- "gated" (MoE-CL): the shared expert and the input's task expert, mixed per token by that task's own
+  softmax gate (frozen with its expert, so old tasks' mixes never move); what the shared expert adds
+  to the FFN output, pooled over the text tokens, also feeds a task discriminator through gradient
+  reversal.
 - "shared": one expert for every task (sequential LoRA, replay, multi-task).
 - "task": only the input's task expert (incremental LoRA; the task is given).
 - "sum": every task expert added in weight space (O-LoRA).
@@ -74,7 +76,7 @@ class Routing:
     batch_tasks: list[str] = field(default_factory=list)  # the task experts this batch uses, in order
     row_mask: torch.Tensor | None = None  # (batch, len(batch_tasks)) one-hot task of each row; None: one task
     disc_labels: torch.Tensor | None = None  # task index per example; None: no discriminator this call
-    pool_mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens
+    pool_mask: torch.Tensor | None = None  # (batch, seq) 1 on the text tokens the discriminator pools
     adversarial_weight: float = 0.0
     bypass: bool = False  # run the bare backbone (the no-training baseline)
     disc_logits: list[torch.Tensor] = field(default_factory=list)
@@ -88,7 +90,8 @@ class Routing:
 
 
 class ExpertModule(nn.Module):
-    """Common part of a wrapped module: its experts (one LoRA per adapted projection) and its gate."""
+    """Common part of a wrapped module: its experts (one LoRA per adapted projection) and, in gated
+    mode, one gate per task."""
 
     def __init__(self, routing: Routing, projections: dict[str, nn.Linear], lora_args: tuple[int, float, float],
                  gate_features: int):
@@ -97,10 +100,9 @@ class ExpertModule(nn.Module):
         self.shapes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
         self.lora_args = lora_args
         self.dropout = nn.Dropout(lora_args[2])
+        self.gate_features = gate_features
         self.experts = nn.ModuleDict()
-        self.gate = nn.Linear(gate_features, 2, bias=False) if routing.mode == "gated" else None
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)  # start as an even mix of shared and task expert
+        self.gates = nn.ModuleDict()
 
     @property
     def state(self) -> Routing:
@@ -111,6 +113,10 @@ class ExpertModule(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         self.experts[name] = nn.ModuleDict(
             {proj: LoRA(i, o, r, alpha) for proj, (i, o) in self.shapes.items()}).to(device)
+        if self.state.mode == "gated" and name != SHARED:
+            gate = nn.Linear(self.gate_features, 2, bias=False)
+            nn.init.zeros_(gate.weight)  # start as an even mix of shared and task expert
+            self.gates[name] = gate.to(device)
 
     def _stream_experts(self, stream: str) -> tuple[list[str], torch.Tensor | None]:
         """The experts a stream adds up, and which rows each serves (None: every row)."""
@@ -144,8 +150,14 @@ class ExpertModule(nn.Module):
         return {"gated": [SHARED, "task"], "shared": [SHARED], "task": ["task"], "sum": ["task"]}[self.state.mode]
 
     def mix_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., 2) per-token softmax weights over [shared, task]."""
-        return torch.softmax(self.gate(x), dim=-1)
+        """(..., 2) per-token softmax weights over [shared, task], each row from its own task's gate."""
+        tasks, row_mask = self.state.batch_tasks, self.state.row_mask
+        if row_mask is None:
+            return torch.softmax(self.gates[tasks[0]](x), dim=-1)
+        weight = torch.cat([self.gates[t].weight for t in tasks])  # (2 * tasks, features)
+        logits = F.linear(x, weight).unflatten(-1, (len(tasks), 2))  # (batch, ..., tasks, 2)
+        rows = row_mask.view(row_mask.shape[0], *[1] * (x.dim() - 2), len(tasks), 1)
+        return torch.softmax((logits * rows).sum(-2), dim=-1)
 
     def shared_weight(self, x: torch.Tensor) -> torch.Tensor:
         """(..., 1) the shared expert's weight; the task expert's is 1 minus it."""
@@ -197,25 +209,28 @@ class MoEFeedForward(ExpertModule):
         out = self.add_delta(SHARED, "down_proj", out, shared_in, w_shared)
         out = self.add_delta("task", "down_proj", out, task_in, 1 - w_shared)
         if state.disc_labels is not None:
-            self._discriminate(hidden[0], shared_in)
+            self._discriminate(x, gx, ux)
         return out
 
-    def _discriminate(self, shared_hidden: torch.Tensor, shared_in: torch.Tensor) -> None:
-        """Task logits from the shared expert's FFN output, mean-pooled over real tokens.
+    def _discriminate(self, x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> None:
+        """Task logits from what the shared expert adds to the FFN output, mean-pooled over the
+        text tokens.
 
-        Pooling commutes with the (linear) down projection and its LoRA, so the hidden state is
-        pooled first (one batched matmul with the mask) and the LoRA input after its rank-r
-        projection: no second per-token down projection, no full-width masked copy."""
-        mask = self.state.pool_mask.to(shared_hidden.dtype).unsqueeze(1)  # (batch, 1, seq)
-        count = mask.sum(dim=-1).clamp(min=1)
-
-        def pool(t: torch.Tensor) -> torch.Tensor:
-            return torch.bmm(mask, t).squeeze(1) / count
-
-        pooled = self.base.down_proj(pool(shared_hidden))
-        if "down_proj" in self.shapes:
-            lora = self.experts[SHARED]["down_proj"]
-            pooled = _add_low_rank(pooled, pool(F.linear(shared_in, lora.A)) * lora.scale, lora.B)
+        The layer input is detached: the reversed gradient reaches this layer's shared expert and
+        nothing upstream (no dedicated expert, no gate, no earlier layer). It reads the shared
+        expert's contribution, not the whole FFN output: the frozen base FFN tells tasks apart on
+        its own, which the shared expert could not undo. Only text tokens are computed; pooling
+        commutes with the (linear) down projection, so that runs on the pooled vector."""
+        tokens = self.state.pool_mask.flatten().nonzero().squeeze(1)
+        rows = tokens // self.state.pool_mask.shape[1]
+        x, gx, ux = (t.detach().flatten(0, -2)[tokens] for t in (x, gx, ux))
+        base_hidden = self.base.act_fn(gx) * ux
+        shared_hidden = self.base.act_fn(self.add_delta(SHARED, "gate_proj", gx, x)) * self.add_delta(SHARED, "up_proj", ux, x)
+        batch = self.state.pool_mask.shape[0]
+        pool = F.one_hot(rows, batch).T.to(x.dtype)
+        pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1)  # (batch, tokens) averaging weights
+        pooled = self.base.down_proj(pool @ (shared_hidden - base_hidden))
+        pooled = self.add_delta(SHARED, "down_proj", pooled, pool @ shared_hidden)
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
 

@@ -1,6 +1,8 @@
 """Continual-learning metrics over the accuracy matrix R (R[i][j]: accuracy on task j after task i).
 
-Rows are lower-triangular: row i holds tasks 0..i. All values are fractions in [0, 1].
+Rows are lower-triangular: row i holds tasks 0..i. All values are fractions in [0, 1]; a cell is
+None where that task was not evaluated after that stage (`eval.every_stage: false` evaluates only the
+diagonal and the last row, all that AA, BWT and FWT need).
 - AA: mean of the last row.
 - BWT: mean over j < T-1 of R[T-1][j] - R[j][j] (negative = forgetting).
 - forgetting[j]: best accuracy task j ever had before the end minus its final accuracy.
@@ -9,7 +11,20 @@ Rows are lower-triangular: row i holds tasks 0..i. All values are fractions in [
 """
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
+
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% t interval over seeds (ci95 None for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None}
+    return {"mean": mean, "ci95": _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))}
 
 
 def average_accuracy(matrix: list[list[float]]) -> float:
@@ -26,7 +41,8 @@ def backward_transfer(matrix: list[list[float]]) -> float | None:
 
 def forgetting(matrix: list[list[float]]) -> list[float]:
     final = matrix[-1]
-    return [max(matrix[i][j] for i in range(j, len(matrix) - 1)) - final[j] for j in range(len(matrix) - 1)]
+    return [max(matrix[i][j] for i in range(j, len(matrix) - 1) if matrix[i][j] is not None) - final[j]
+            for j in range(len(matrix) - 1)]
 
 
 def forward_transfer(before_training: list[float], baseline: list[float]) -> float | None:
@@ -62,13 +78,15 @@ def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title:
 
     grid = np.full((len(matrix), len(tasks)), np.nan)
     for i, row in enumerate(matrix):
-        grid[i, : len(row)] = row
+        grid[i, : len(row)] = [np.nan if v is None else v for v in row]
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 0.9 * len(matrix) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix)), [f"after {t}" for t in tasks[: len(matrix)]] if len(matrix) > 1 else ["after all"])
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
+            if value is None:
+                continue
             ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w" if value < 0.6 else "k")
     ax.set_xlabel("evaluated task")
     ax.set_title(title)

@@ -11,12 +11,14 @@ from torch import nn
 
 from .config import FFN_PROJECTIONS, LoraConfig
 from .experts import SHARED, ExpertModule, MoEFeedForward, MoELinear, Routing
+from .task_router import TaskRouter
 
 METHOD_ROUTING = {
     "moecl": "gated", "moecl-nogan": "gated", "seq-lora": "shared", "replay": "shared", "mtl": "shared",
     "inc-lora": "task", "olora": "sum",
 }
 IGNORE = -100
+ROUTER_GROUP = "task-router"
 
 
 def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -63,6 +65,7 @@ class ContinualModel(nn.Module):
         self.routing = Routing(mode=METHOD_ROUTING[method])
         self.wrapped = nn.ModuleList(inject_experts(backbone, self.routing, lora))
         self.heads = nn.ModuleDict()
+        self.task_router = TaskRouter()
         self.tasks: list[str] = []
         self.labels: dict[str, list[str]] = {}
 
@@ -105,31 +108,33 @@ class ContinualModel(nn.Module):
         return self.backbone.get_input_embeddings().weight.device
 
     def prepare_training(self, tasks: list[str]) -> list[nn.Parameter]:
-        """Freeze every adapter tensor, then unfreeze what training `tasks` may change:
-        the shared expert, these tasks' experts, gates, discriminators and these tasks' heads."""
+        """Freeze every adapter tensor, then unfreeze what training `tasks` may change: the shared
+        expert, these tasks' experts and gates, the discriminators and these tasks' heads. An old
+        task's expert and gate stay as they were when its stage ended."""
         for module in self.wrapped:
             for name, param in module.named_parameters():
                 param.requires_grad_(not name.startswith("base."))
-                if name.startswith("experts."):
-                    expert = name.split(".")[1]
-                    param.requires_grad_(expert == SHARED or expert in tasks)
+                if name.startswith(("experts.", "gates.")):
+                    owner = name.split(".")[1]
+                    param.requires_grad_(owner == SHARED or owner in tasks)
         for name, head in self.heads.items():
             head.requires_grad_(name in tasks)
         return [p for p in self.parameters() if p.requires_grad]
 
-    def route(self, tasks_per_example: list[str], pool_mask: torch.Tensor | None = None,
-              adversarial_weight: float | None = None) -> None:
-        """Point every wrapped module at the experts of these examples' tasks. With a pool mask and
-        a discriminator, the forward also records task logits for the adversarial loss."""
+    def route(self, tasks_per_example: list[str], text_mask: torch.Tensor | None = None,
+              adversarial_weight: float = 0.0) -> None:
+        """Point every wrapped module at the experts of these examples' tasks. Given the text tokens
+        and a positive adversarial weight, the forward also records the discriminators' task logits;
+        with weight 0 the discriminators do not run at all."""
         state = self.routing
         state.set_tasks(tasks_per_example, self.device)
         state.disc_logits = []
-        collect = self.has_discriminator and pool_mask is not None and len(self.tasks) > 1
+        collect = (self.has_discriminator and text_mask is not None and adversarial_weight > 0
+                   and len(self.tasks) > 1)
         state.disc_labels = (torch.tensor([self.tasks.index(t) for t in tasks_per_example], device=self.device)
                              if collect else None)
-        state.pool_mask = pool_mask if collect else None
-        if adversarial_weight is not None:
-            state.adversarial_weight = adversarial_weight
+        state.pool_mask = text_mask if collect else None
+        state.adversarial_weight = adversarial_weight
 
     def hidden_states(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         return self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
@@ -169,37 +174,51 @@ class ContinualModel(nn.Module):
         return total
 
     def discriminator_loss(self) -> tuple[torch.Tensor, float]:
-        """Mean cross-entropy of the per-layer discriminators and their accuracy."""
+        """Class-balanced cross-entropy of the per-layer discriminators, and their balanced accuracy.
+
+        A batch holds many current-task rows and a few memory rows; unweighted, always answering
+        "the current task" would already score 80%. Each task present weighs the same instead, so
+        a discriminator that ignores its input scores 1 / (tasks in the batch)."""
         state = self.routing
         logits = torch.stack(state.disc_logits)  # (layers, batch, tasks)
-        labels = state.disc_labels.expand(logits.shape[0], -1)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        labels = state.disc_labels
+        present, index, counts = labels.unique(return_inverse=True, return_counts=True)
+        row_weight = 1.0 / (counts[index] * len(present)).float()  # sums to 1 over the batch
+        per_row = F.cross_entropy(logits.flatten(0, 1), labels.repeat(logits.shape[0]), reduction="none")
+        loss = (per_row.view(logits.shape[:2]) * row_weight).sum(-1).mean()
+        correct = (logits.argmax(-1) == labels).float()
+        accuracy = (correct * row_weight).sum(-1).mean().item()
         return loss, accuracy
 
     def adapter_groups(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Adapter tensors grouped for saving: one group per expert, one for gates and
-        discriminators ('router'), one per task head. Base weights are never included."""
+        """Adapter tensors grouped for saving: one group per expert (a task's gates go with it),
+        one for the discriminators ('router'), one per task head, and the task-free router's
+        statistics. Base weights are never included."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for i, module in enumerate(self.wrapped):
             for name, tensor in module.state_dict().items():
                 if name.startswith("base."):
                     continue
-                group = f"expert-{name.split('.')[1]}" if name.startswith("experts.") else "router"
+                owned = name.startswith(("experts.", "gates."))
+                group = f"expert-{name.split('.')[1]}" if owned else "router"
                 groups.setdefault(group, {})[f"{i}.{name}"] = tensor
         for task, head in self.heads.items():
             groups[f"head-{task}"] = dict(head.state_dict())
+        if self.task_router.tasks:
+            groups[ROUTER_GROUP] = self.task_router.state_dict()
         return groups
 
     def load_adapter_groups(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
-        expected = self.adapter_groups()
-        if set(groups) != set(expected):
+        expected = set(self.adapter_groups()) - {ROUTER_GROUP}
+        if set(groups) - {ROUTER_GROUP} != expected:
             raise ValueError(f"checkpoint holds {sorted(groups)}, the model expects {sorted(expected)}")
         for task, head in self.heads.items():
             head.load_state_dict(groups[f"head-{task}"])
+        if ROUTER_GROUP in groups:
+            self.task_router.load_state_dict(groups[ROUTER_GROUP])
         per_module: dict[int, dict[str, torch.Tensor]] = {}
         for group, tensors in groups.items():
-            if group.startswith("head-"):
+            if group.startswith("head-") or group == ROUTER_GROUP:
                 continue
             for key, tensor in tensors.items():
                 index, name = key.split(".", 1)

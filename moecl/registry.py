@@ -87,7 +87,8 @@ def fetch(tracking_uri: str, model_name: str, version: str | None, dest: str | P
 
 
 class MoeclPyfunc(mlflow.pyfunc.PythonModel):
-    """Serves a checkpoint: input rows {task, text}, output one label per row."""
+    """Serves a checkpoint: input rows {text, task (optional)}, output one label per row. Rows
+    without a task are routed to one by the model's task-free router."""
 
     def load_context(self, context) -> None:
         from .checkpoint import load_model
@@ -95,19 +96,11 @@ class MoeclPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.prompts, _ = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        from .scoring import predict
+        from .scoring import answer
 
-        unknown = sorted(set(model_input["task"]) - set(self.prompts))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this model knows {sorted(self.prompts)}")
-        labels = [""] * len(model_input)
-        for task, rows in model_input.groupby("task").groups.items():
-            positions = [model_input.index.get_loc(r) for r in rows]
-            prompt = self.prompts[task]
-            predicted = predict(self.model, prompt, model_input["text"].iloc[positions].tolist(), batch_size=8)
-            for position, index in zip(positions, predicted):
-                labels[position] = prompt.labels[index]
-        return labels
+        tasks = model_input["task"].tolist() if "task" in model_input else [None] * len(model_input)
+        tasks = [t if isinstance(t, str) and t else None for t in tasks]  # NaN / None / "" -> route
+        return [label for _, label in answer(self.model, self.prompts, model_input["text"].tolist(), tasks)]
 
 
 def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | Path, tags: dict[str, str]) -> str:
@@ -116,7 +109,7 @@ def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | 
     from mlflow.types import ColSpec, Schema
 
     client = connect(tracking_uri)
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", "text")]),
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "task", required=False), ColSpec("string", "text")]),
                                outputs=Schema([ColSpec("string")]))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},

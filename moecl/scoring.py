@@ -1,4 +1,4 @@
-"""Prediction: the task is given, the model picks one of that task's labels.
+"""Prediction: the model picks one of a task's labels; a text without a task is routed to one first.
 
 In LM mode every label string is ranked by its log-likelihood after the prompt. The prompt is
 encoded once per example; its key/value cache is then shared by all of the task's labels, which
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .data import Example
 from .model import ContinualModel
 from .prompts import TaskPrompt
+from .task_router import text_features
 
 
 def _pad(rows: list[list[int]], value: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +86,26 @@ def accuracy(model: ContinualModel, prompt: TaskPrompt, examples: list[Example],
              progress: bool = False) -> float:
     predicted = predict(model, prompt, [e.text for e in examples], batch_size, progress)
     return sum(p == e.label for p, e in zip(predicted, examples)) / len(examples)
+
+
+def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[str], tasks: list[str | None],
+           batch_size: int = 8) -> list[tuple[str, str]]:
+    """(task, label) per text. A text without a task (None or "") is routed to one by the model's
+    task-free router first; then each task's texts are scored together against its labels."""
+    unknown = sorted({t for t in tasks if t and t not in prompts})
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; this model knows {sorted(prompts)}")
+    tasks = list(tasks)
+    untold = [i for i, t in enumerate(tasks) if not t]
+    if untold:
+        budget = max(p.max_length for p in prompts.values())
+        routed = model.task_router.predict(text_features(model, [texts[i] for i in untold], budget, batch_size))
+        for i, task in zip(untold, routed):
+            tasks[i] = task
+    result: list[tuple[str, str]] = [("", "")] * len(texts)
+    for task in dict.fromkeys(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        prompt = prompts[task]
+        for i, index in zip(rows, predict(model, prompt, [texts[i] for i in rows], batch_size)):
+            result[i] = (task, prompt.labels[index])
+    return result

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbone import load_backbone
@@ -22,7 +23,8 @@ from .data import Example, TaskData, load_task, per_label
 from .metrics import plot_heatmap, summarise
 from .model import IGNORE, ContinualModel
 from .prompts import TaskPrompt
-from .scoring import accuracy
+from .scoring import accuracy, predict
+from .task_router import text_features
 
 log = logging.getLogger("moecl")
 LOG_EVERY = 10
@@ -33,11 +35,21 @@ class ResumeError(RuntimeError):
 
 
 @dataclass
+class MemoryRow:
+    """A finished task's input kept for the current stage. In moecl its `example.label` is the model's
+    own answer before the stage and `teacher` that answer's next-token log-probabilities (the
+    distillation target); in replay it is the gold example, rehearsed as is."""
+    example: Example
+    teacher: torch.Tensor | None = None  # (answer tokens, vocabulary)
+
+
+@dataclass
 class Progress:
     """What the run has produced so far; stored in the manifest so a resumed run continues it."""
     matrix: list[list[float]] = field(default_factory=list)
     before_training: list[float] = field(default_factory=list)
     baseline: list[float] | None = None
+    routing_accuracy: dict[str, float] | None = None
 
 
 def load_tasks(cfg: Config) -> list[TaskData]:
@@ -85,56 +97,125 @@ class Trainer:
             self.model.routing.bypass = False
 
     # -- training -----------------------------------------------------------------------------
-    def _memory(self, past: list[TaskData]) -> list[Example]:
-        """A few examples of every finished task, spread over its labels."""
-        size = self.cfg.memory.per_task
-        if size == 0 or self.cfg.method not in ("moecl", "moecl-nogan", "replay"):
+    @property
+    def _moecl(self) -> bool:
+        return self.cfg.method in ("moecl", "moecl-nogan")
+
+    @property
+    def _adversarial_weight(self) -> float:
+        return self.cfg.adversarial.weight if self.cfg.method == "moecl" else 0.0
+
+    def _memory(self, past: list[TaskData]) -> list[MemoryRow]:
+        """A few inputs of every finished task, spread over its labels: rehearsed with their gold
+        answers in replay; in moecl, read by the discriminator and distilled toward the model's
+        own answers (so moecl keeps no labels)."""
+        cfg = self.cfg
+        size = cfg.memory.per_task
+        wanted = cfg.method == "replay" or (self._moecl and (self._adversarial_weight > 0 or cfg.retention.distill > 0))
+        if size == 0 or not past or not wanted:
             return []
-        pool = []
-        for task in past:
-            pool.extend(per_label(task.train, max(1, size // len(task.labels)), self.cfg.train.seed)[:size])
-        return pool
+        pool = [e for task in past for e in per_label(task.train, max(1, size // len(task.labels)), cfg.train.seed)[:size]]
+        rows = [MemoryRow(e) for e in pool]
+        if self._moecl and cfg.retention.distill > 0:
+            self._attach_teacher(rows)
+        return rows
+
+    @torch.no_grad()
+    def _attach_teacher(self, rows: list[MemoryRow]) -> None:
+        """Replace each row's label by the current model's answer and record that answer's
+        next-token log-probabilities: the targets that keep old tasks' outputs in place."""
+        model, size = self.model, self.cfg.eval.batch_size
+        for task in dict.fromkeys(r.example.task for r in rows):
+            mine = [r for r in rows if r.example.task == task]
+            answers = predict(model, self.prompts[task], [r.example.text for r in mine], size)
+            for row, answer in zip(mine, answers):
+                row.example = Example(row.example.text, answer, task)
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            input_ids, mask, labels, _, _ = self._batch([r.example for r in chunk], supervised=len(chunk))
+            model.route([r.example.task for r in chunk])
+            hidden = model.hidden_states(input_ids, mask)[:, :-1]
+            keep = labels[:, 1:] != IGNORE
+            log_probs = F.log_softmax(model.backbone.get_output_embeddings()(hidden[keep]).float(), dim=-1)
+            for row, part in zip(chunk, log_probs.split(keep.sum(1).tolist())):
+                row.teacher = part
+        model.train(was_training)
 
     def _batch(self, rows: list[Example], supervised: int):
-        """Right-padded tensors. Rows past `supervised` are memory rows: in moecl they only feed the
-        discriminator, so they carry no answer labels; in replay they are trained like the rest."""
+        """Right-padded tensors: ids, attention mask, answer labels, class labels and the text mask.
+        Rows past `supervised` are memory rows: they carry answer labels only in replay."""
         rehearse = self.cfg.method == "replay"
-        ids, labels, class_labels = [], [], []
+        ids, labels, class_labels, text_lengths = [], [], [], []
         for i, example in enumerate(rows):
             prompt = self.prompts[example.task]
             with_answer = i < supervised or rehearse
             if self.model.head == "lm":
-                seq, lab = prompt.training_pair(example)
-                ids.append(seq)
-                labels.append(lab if with_answer else [IGNORE] * len(lab))
+                encoded = prompt.training_pair(example)
+                seq, text_length = encoded.ids, encoded.text_length
+                labels.append(encoded.labels if with_answer else [IGNORE] * len(seq))
             else:
-                ids.append(prompt.prompt(example.text))
+                seq = prompt.prompt(example.text)
+                text_length = len(prompt.text_ids(example.text))
+            ids.append(seq)
+            text_lengths.append(text_length)
             class_labels.append(example.label if with_answer else IGNORE)
         width = max(map(len, ids))
         device = self.model.device
         pad = self.model.tokenizer.pad_token_id
         input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
+        text_mask = (torch.arange(width, device=device) < torch.tensor(text_lengths, device=device)[:, None]).long()
         lm_labels = torch.tensor([s + [IGNORE] * (width - len(s)) for s in labels], device=device) if labels else None
-        return input_ids, mask, lm_labels, torch.tensor(class_labels, device=device)
+        return input_ids, mask, lm_labels, torch.tensor(class_labels, device=device), text_mask
 
-    def _step_loss(self, rows: list[Example], supervised: int, stage_task: str) -> tuple[torch.Tensor, dict]:
+    def _distill_mask(self, memory_rows: list[MemoryRow], width: int, supervised: int) -> torch.Tensor:
+        """(batch, width) True on the positions whose next token is a memory row's (teacher) answer."""
+        mask = torch.zeros((supervised + len(memory_rows), width), dtype=torch.bool, device=self.model.device)
+        for i, row in enumerate(memory_rows, start=supervised):
+            encoded = self.prompts[row.example.task].training_pair(row.example)
+            answer = [j for j, label in enumerate(encoded.labels) if label != IGNORE]
+            mask[i, [j - 1 for j in answer]] = True
+        return mask
+
+    def _step_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
+                   anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         model, cfg = self.model, self.cfg
-        input_ids, mask, lm_labels, class_labels = self._batch(rows, supervised)
+        supervised = len(rows)
+        rows = rows + [r.example for r in memory_rows]
+        input_ids, mask, lm_labels, class_labels, text_mask = self._batch(rows, supervised)
         tasks = [e.task for e in rows]
-        weight = 0.0 if cfg.method == "moecl-nogan" else cfg.adversarial.weight
-        model.route(tasks, pool_mask=mask, adversarial_weight=weight)
+        model.route(tasks, text_mask=text_mask, adversarial_weight=self._adversarial_weight)
+        stats = {}
         if model.head == "lm":
-            loss = model.lm_loss(input_ids, mask, lm_labels)
+            hidden = model.hidden_states(input_ids, mask)[:, :-1]
+            output = model.backbone.get_output_embeddings()
+            targets = lm_labels[:, 1:]
+            keep = targets != IGNORE
+            loss = F.cross_entropy(output(hidden[keep]), targets[keep])
+            stats["loss"] = loss.item()
+            teachers = [r.teacher for r in memory_rows if r.teacher is not None]
+            if teachers:
+                positions = self._distill_mask(memory_rows, input_ids.shape[1], supervised)[:, :-1]
+                student = F.log_softmax(output(hidden[positions]).float(), dim=-1)
+                teacher = torch.cat(teachers)
+                distill = (teacher.exp() * (teacher - student)).sum(-1).mean()
+                loss = loss + cfg.retention.distill * distill
+                stats["distill"] = distill.item()
         else:
             loss = model.classifier_loss(input_ids, mask, tasks, class_labels)
-        stats = {"loss": loss.item()}
+            stats["loss"] = loss.item()
         if model.routing.disc_labels is not None:
             # Gradient reversal inside the model turns +disc_loss into -weight * disc_loss for the
             # shared expert, while the discriminator itself still descends on disc_loss.
             disc_loss, disc_acc = model.discriminator_loss()
             loss = loss + disc_loss
             stats.update(disc_loss=disc_loss.item(), disc_acc=disc_acc)
+        if anchor:
+            drift = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
+            loss = loss + cfg.retention.shared_l2 * drift
+            stats["shared_drift"] = drift.item()
         if cfg.method == "olora" and model.tasks.index(stage_task) > 0:
             ortho = model.orthogonality_loss(stage_task)
             loss = loss + cfg.olora.weight * ortho
@@ -147,6 +228,8 @@ class Trainer:
         examples = [e for t in stage for e in per_label(t.train, cfg.train.max_per_label, cfg.train.seed)]
         memory = self._memory(past)
         params = model.prepare_training([t.name for t in stage])
+        anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if ".experts.shared." in n}
+                  if self._moecl and past and cfg.retention.shared_l2 > 0 else {})
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
         name = "+".join(t.name for t in stage)
         size = cfg.train.batch_size
@@ -158,10 +241,8 @@ class Trainer:
             rng.shuffle(examples)
             for start in range(0, len(examples), size):
                 rows = examples[start:start + size]
-                supervised = len(rows)
-                if memory:
-                    rows = rows + rng.sample(memory, min(cfg.memory.per_batch, len(memory)))
-                loss, stats = self._step_loss(rows, supervised, stage[-1].name)
+                memory_rows = rng.sample(memory, min(cfg.memory.per_batch, len(memory))) if memory else []
+                loss, stats = self._step_loss(rows, memory_rows, stage[-1].name, anchor)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.train.max_grad_norm:
@@ -174,6 +255,21 @@ class Trainer:
                     log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
         bar.close()
         model.eval()
+        if cfg.router.fit_per_task:
+            for task in stage:
+                texts = [e.text for e in per_label(task.train, cfg.train.max_per_label, cfg.train.seed)]
+                model.task_router.fit(task.name, text_features(model, texts[: cfg.router.fit_per_task],
+                                                               cfg.train.max_length, cfg.eval.batch_size))
+
+    def routing_accuracy(self) -> dict[str, float]:
+        """Per task: the share of its test texts the task-free router sends back to it."""
+        result = {}
+        for name in self.model.tasks:
+            texts = [e.text for e in self.test_sets[name]]
+            routed = self.model.task_router.predict(
+                text_features(self.model, texts, self.cfg.train.max_length, self.cfg.eval.batch_size))
+            result[name] = sum(r == name for r in routed) / len(texts)
+        return result
 
     # -- the run ------------------------------------------------------------------------------
     def _manifest(self) -> dict:
@@ -233,7 +329,7 @@ class Trainer:
         if cfg.eval.forward_transfer and self.progress.baseline is None:
             self.progress.baseline = self._baseline()
         started = time.time()
-        for stage in plan:
+        for number, stage in enumerate(plan, start=1):
             index = len(self.progress.matrix)  # stages done so far: seeds match however the run was split
             torch.manual_seed(cfg.train.seed * 1000 + index)
             for task in stage:
@@ -244,9 +340,13 @@ class Trainer:
             names = {t.name for t in stage}
             past = [self.task_data[n] for n in model.tasks if n not in names]
             self.train_stage(stage, past, index)
-            row = [self.evaluate(self.task_data[n]) for n in model.tasks]
+            wanted = cfg.eval.every_stage or number == len(plan)
+            row = [self.evaluate(self.task_data[n]) if wanted or n in names else None for n in model.tasks]
             self.progress.matrix.append(row)
-            log.info("after %s: %s", "+".join(names), " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row)))
+            if number == len(plan) and cfg.eval.routing:
+                self.progress.routing_accuracy = self.routing_accuracy()
+            log.info("after %s: %s", "+".join(names),
+                     " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row) if a is not None))
             save_checkpoint(model, self.run_dir, self._manifest())
         return self._finish(time.time() - started)
 
@@ -256,7 +356,7 @@ class Trainer:
         fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
         metrics = summarise(names, progress.matrix, *fwt_inputs)
         metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
-                       train_seconds=round(seconds, 1))
+                       routing_accuracy=progress.routing_accuracy, train_seconds=round(seconds, 1))
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task")
         return metrics

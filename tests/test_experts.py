@@ -1,9 +1,12 @@
-"""The expert layer: exact mixing, gate normalisation, per-example routing, gradient reversal."""
+"""The expert layer: exact mixing, gate normalisation, per-example routing, and the adversarial
+term: what the discriminator reads, where its reversed gradient goes, and how its batches weigh."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moecl.experts import SHARED, MoEFeedForward
+from moecl.prompts import TaskPrompt
 
 
 def _randomise_adapters(model, seed: int = 0) -> None:
@@ -30,6 +33,7 @@ def test_gate_weights_are_a_distribution_per_token(tiny_model):
     model.add_task("a", ["x", "y"])
     _randomise_adapters(model)
     ffn = model.ffn_modules()[0]
+    model.route(["a"] * 3)
     weights = ffn.mix_weights(torch.randn(3, 5, ffn.base.gate_proj.in_features))
     assert weights.shape == (3, 5, 2)
     assert torch.allclose(weights.sum(-1), torch.ones(3, 5), atol=1e-6)
@@ -67,9 +71,28 @@ def test_mixed_task_batch_routes_each_row_to_its_own_expert(tiny_model):
     assert not torch.allclose(only_a, only_b)
 
 
+def test_each_row_of_a_mixed_batch_is_mixed_by_its_own_tasks_gate(tiny_model):
+    model = tiny_model("moecl")
+    for task in ("a", "b"):
+        model.add_task(task, ["x", "y"])
+    _randomise_adapters(model)
+    ffn = model.ffn_modules()[0]
+    x = torch.randn(3, 4, ffn.base.gate_proj.in_features)
+    model.route(["b", "a", "b"])
+    mixed = ffn.mix_weights(x)
+    model.route(["a"] * 3)
+    only_a = ffn.mix_weights(x)
+    model.route(["b"] * 3)
+    only_b = ffn.mix_weights(x)
+    assert torch.allclose(mixed[1], only_a[1]) and torch.allclose(mixed[[0, 2]], only_b[[0, 2]])
+    assert not torch.allclose(only_a, only_b)
+
+
 def _disc_gradients(model, ids, mask, weight: float) -> tuple[dict, dict, float]:
+    """Gradients of the discriminator loss alone. `weight` -1 undoes the reversal (-(-1) = +1)."""
     model.zero_grad(set_to_none=True)
-    model.route(["a", "a", "b", "b"], pool_mask=mask, adversarial_weight=weight)
+    model.route(["a", "a", "b", "b"], text_mask=mask, adversarial_weight=abs(weight))
+    model.routing.adversarial_weight = weight
     model.hidden_states(ids, mask)
     loss, _ = model.discriminator_loss()
     loss.backward()
@@ -115,3 +138,68 @@ def test_discriminator_learns_while_its_gradient_into_the_shared_expert_is_rever
         optimizer.step()
         losses.append(loss)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_discriminator_only_loss_reaches_no_dedicated_expert_and_no_gate(tiny_model):
+    model = tiny_model("moecl")
+    for task in ("a", "b"):
+        model.add_task(task, ["x", "y"])
+    _randomise_adapters(model)
+    model.prepare_training(["b"])
+    ids = torch.randint(5, 200, (4, 9))
+    _disc_gradients(model, ids, torch.ones_like(ids), weight=1.0)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    dedicated = [n for n in grads if ".experts.b." in n or ".gates." in n]
+    assert dedicated and all(grads[n] is None or not grads[n].any() for n in dedicated), dedicated
+    shared = [n for n in grads if ".experts.shared." in n and n.endswith(".B")]
+    assert shared and all(grads[n] is not None and grads[n].any() for n in shared)
+
+
+def test_the_discriminator_reads_the_text_alone_not_the_instruction_or_task_name(tiny_model):
+    model = tiny_model("moecl")
+    for task in ("a", "b"):
+        model.add_task(task, ["x", "y"])
+    _randomise_adapters(model)
+    texts = ["the first text here", "another one, a little longer than that"]
+    logits = []
+    for instruction in ("Task: a. Say x or y.", "Task: b. Something else entirely, with more words."):
+        prompt = TaskPrompt(model.tokenizer, "a", ["x", "y"], 64, instruction)
+        encoded = [prompt.encode(t, 0) for t in texts]
+        width = max(len(e.ids) for e in encoded)
+        ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encoded])
+        mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encoded])
+        text = torch.tensor([[1] * e.text_length + [0] * (width - e.text_length) for e in encoded])
+        model.route(["a", "b"], text_mask=text, adversarial_weight=0.1)
+        with torch.no_grad():
+            model.hidden_states(ids, mask)
+        logits.append(torch.stack(model.routing.disc_logits))
+    assert torch.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_discriminator_loss_weighs_every_task_in_the_batch_equally(tiny_model):
+    model = tiny_model("moecl")
+    for task in ("old", "new"):
+        model.add_task(task, ["x", "y"])
+    state = model.routing
+    state.disc_labels = torch.tensor([1] * 8 + [0] * 2)  # 8 current rows, 2 from memory
+    always_new = torch.tensor([[-5.0, 5.0]]).repeat(10, 1)
+    state.disc_logits = [always_new]
+    _, accuracy = model.discriminator_loss()
+    assert accuracy == pytest.approx(0.5)  # not 0.8: ignoring the input is no better than chance
+    uniform = torch.zeros(10, 2, requires_grad=True)
+    state.disc_logits = [uniform]
+    loss, _ = model.discriminator_loss()
+    loss.backward()
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert torch.allclose(uniform.grad.sum(0), torch.zeros(2), atol=1e-7)  # no pull toward the majority task
+
+
+def test_without_adversarial_weight_the_discriminator_does_not_run(tiny_model, monkeypatch):
+    model = tiny_model("moecl-nogan")
+    for task in ("a", "b"):
+        model.add_task(task, ["x", "y"])
+    monkeypatch.setattr(MoEFeedForward, "_discriminate", lambda *a: pytest.fail("discriminator ran"))
+    ids = torch.randint(5, 200, (2, 6))
+    model.route(["a", "b"], text_mask=torch.ones_like(ids), adversarial_weight=0.0)
+    model.hidden_states(ids, torch.ones_like(ids))
+    assert model.routing.disc_labels is None

@@ -91,6 +91,8 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     served = mlflow.pyfunc.load_model("models:/moecl@champion")
     answers = served.predict(pd.DataFrame({"task": ["animals", "topics"], "text": ["dog dog dog", "sports sports"]}))
     assert answers[0] in {"cat", "dog", "bird", "fish"} and answers[1] in {"sports", "science", "politics"}
+    untold = served.predict(pd.DataFrame({"text": ["pet train 1 golf: cat cat cat cat cat cat"]}))  # no task column
+    assert untold[0] in {"cat", "dog", "bird", "fish"}
 
 
 def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, project):

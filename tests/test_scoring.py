@@ -22,7 +22,7 @@ def test_cached_label_scoring_equals_per_label_forward(tiny_model):
     model.add_task("news", labels)
     with torch.no_grad():  # non-zero experts, so the routing matters too
         for name, param in model.named_parameters():
-            if ".experts." in name or ".gate." in name:
+            if ".experts." in name or ".gates." in name:
                 param.normal_(0, 0.2)
     model.eval()
     prompt = TaskPrompt(model.tokenizer, "news", labels, max_length=64)
@@ -39,8 +39,10 @@ def test_cached_label_scoring_equals_per_label_forward(tiny_model):
 def test_prompt_truncates_only_the_text(tiny_model):
     model = tiny_model("seq-lora")
     prompt = TaskPrompt(model.tokenizer, "news", ["a", "b"], max_length=40)
-    ids, labels = prompt.training_pair(type("E", (), {"text": "word " * 500, "label": 1})())
+    encoded = prompt.training_pair(type("E", (), {"text": "word " * 500, "label": 1})())
+    ids, labels = encoded.ids, encoded.labels
     assert len(ids) <= 40
-    assert ids[: len(prompt.prefix)] == prompt.prefix
+    assert ids[encoded.text_length: encoded.text_length + len(prompt.suffix)] == prompt.suffix  # instruction intact
+    assert encoded.text_length == prompt.text_budget  # the text, and only the text, was cut
     answer = [t for t in labels if t != -100]
     assert answer == prompt.answers[1] and answer[-1] == model.tokenizer.eos_token_id

@@ -8,6 +8,7 @@ import torch
 
 from moecl.cli import main
 from moecl.config import config_from_dict
+from moecl.task_router import text_features
 from moecl.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -24,10 +25,10 @@ def test_training_lowers_the_loss_and_predict_answers_with_a_label(tmp_path, cap
     trainer = Trainer(cfg, tmp_path / "run")
     model, task, prompt = trainer.model, trainer.tasks[0], trainer.prompts["dbpedia"]
     probe = [prompt.training_pair(e) for e in task.test[:8]]
-    width = max(len(ids) for ids, _ in probe)
-    ids = torch.tensor([i + [model.tokenizer.pad_token_id] * (width - len(i)) for i, _ in probe])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in probe])
-    mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in probe])[:, None]).long()
+    width = max(len(e.ids) for e in probe)
+    ids = torch.tensor([e.ids + [model.tokenizer.pad_token_id] * (width - len(e.ids)) for e in probe])
+    labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in probe])
+    mask = (torch.arange(width)[None] < torch.tensor([len(e.ids) for e in probe])[:, None]).long()
 
     def probe_loss() -> float:
         model.eval()
@@ -48,3 +49,18 @@ def test_training_lowers_the_loss_and_predict_answers_with_a_label(tmp_path, cap
                  "Title: Toyota Corolla\nText: A line of compact cars manufactured by Toyota since 1966."])
     printed = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(printed) == 2 and set(printed) <= set(task.labels)
+
+
+def test_task_free_routing_tells_the_sample_tasks_apart():
+    """The router reads the frozen backbone alone, so it can be checked without training."""
+    cfg = config_from_dict({
+        "backbone": "smollm2-135m-instruct", "method": "moecl", "train": {"max_length": 96},
+        "eval": {"max_per_label": 8, "batch_size": 16},
+        "tasks": [{"name": t, "data": str(SAMPLE.parent / t)} for t in ("dbpedia", "agnews", "yelp")],
+    })
+    trainer = Trainer(cfg, "unused")
+    for task in trainer.tasks:
+        texts = [e.text for e in task.train][: cfg.router.fit_per_task]
+        trainer.model.task_router.fit(task.name, text_features(trainer.model, texts, 96))
+    routed = trainer.routing_accuracy()
+    assert min(routed.values()) >= 0.9, routed

@@ -115,11 +115,49 @@ def test_moecl_trains_its_discriminator_on_memory_of_old_tasks(tmp_path, task_di
 
 
 def test_classifier_head_mode_trains_and_predicts(tmp_path, task_dirs):
-    metrics = _train(tmp_path, task_dirs, head="classifier", train={"lr": 0.05, "epochs": 8})
+    metrics = _train(tmp_path, task_dirs, head="classifier", train={"lr": 0.05, "epochs": 8}, retention={"distill": 0.0})
     assert metrics["accuracy_matrix"][0][0] > 1 / 3  # learns the first task beyond chance
     assert {"head-topics", "head-sentiment", "head-animals"} <= set(_adapters_groups(tmp_path / "run"))
 
 
 def test_learning_a_task_beats_chance(tmp_path, task_dirs):
-    metrics = _train(tmp_path, {"topics": task_dirs["topics"]}, method="seq-lora", train={"epochs": 8, "lr": 0.05})
+    metrics = _train(tmp_path, {"topics": task_dirs["topics"]}, method="seq-lora", train={"epochs": 8, "lr": 0.01})
     assert metrics["accuracy_matrix"][0][0] > 1 / 3
+
+
+def test_predict_without_a_task_routes_each_text_and_prints_task_and_label(tmp_path, task_dirs, capsys):
+    metrics = _train(tmp_path, task_dirs, train={"epochs": 1})
+    # A random 2-layer model is a weak feature extractor (SmolLM2's routing is in test_smollm2.py),
+    # but it must still beat chance on held-out texts and route texts like those it was fit on.
+    assert min(metrics["routing_accuracy"].values()) > 1 / 3, metrics["routing_accuracy"]
+    texts = ["review train 1 charlie: good good good good good good", "pet train 2 foxtrot: fish fish fish fish fish fish"]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "run"), *texts]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [task for task, _ in printed] == ["sentiment", "animals"]
+    assert printed[0][1] in {"bad", "good"} and printed[1][1] in {"cat", "dog", "bird", "fish"}
+
+
+def test_old_tasks_gates_stay_bit_identical_and_the_new_tasks_gate_trains(tmp_path, task_dirs):
+    _train(tmp_path, {"topics": task_dirs["topics"]})
+    before = _adapters(tmp_path / "run", "expert-topics")
+    _train(tmp_path, task_dirs, resume=True)
+    after = _adapters(tmp_path / "run", "expert-topics")
+    gates = [k for k in before if ".gates.topics." in k]
+    assert gates and all(torch.equal(before[k], after[k]) for k in gates)
+    animals = _adapters(tmp_path / "run", "expert-animals")
+    assert any(".gates.animals." in k and t.any() for k, t in animals.items())  # moved off its zero start
+
+
+def test_distillation_targets_are_the_models_own_answers_before_the_stage(tmp_path, task_dirs):
+    cfg = load_config(write_config(tmp_path / "c.yaml", task_dirs, memory={"per_task": 4, "per_batch": 2}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    topics = trainer.tasks[0]
+    trainer.model.add_task(topics.name, topics.labels)
+    trainer.train_stage([topics], [], 0)
+    memory = trainer._memory([topics])
+    answers = predict(trainer.model, trainer.prompts["topics"], [r.example.text for r in memory], 4)
+    assert [r.example.label for r in memory] == answers  # the model's answers, not the gold labels
+    for row in memory:
+        assert row.teacher.shape[0] == len(trainer.prompts["topics"].answers[row.example.label])
+        assert torch.allclose(row.teacher.exp().sum(-1), torch.ones(row.teacher.shape[0]), atol=1e-4)

@@ -32,20 +32,21 @@ def fixed_batch(tokenizer, size: int, length: int):
     task = load_task("dbpedia", DATA / "dbpedia")
     prompt = TaskPrompt(tokenizer, task.name, task.labels, max_length=length)
     examples = per_label(task.train, None, seed=0)[:size]
-    ids, labels = [], []
+    ids, labels, text = [], [], []
     for example in examples:
-        seq, lab = prompt.training_pair(example)
-        filler = length - len(seq)
-        ids.append(seq + [tokenizer.pad_token_id] * filler)
-        labels.append(lab + [-100] * filler)
+        encoded = prompt.training_pair(example)
+        filler = length - len(encoded.ids)
+        ids.append(encoded.ids + [tokenizer.pad_token_id] * filler)
+        labels.append(encoded.labels + [-100] * filler)
+        text.append([1] * encoded.text_length + [0] * (length - encoded.text_length))
     input_ids = torch.tensor(ids)
-    return input_ids, (input_ids != tokenizer.pad_token_id).long(), torch.tensor(labels)
+    return input_ids, (input_ids != tokenizer.pad_token_id).long(), torch.tensor(labels), torch.tensor(text)
 
 
 def moecl_step(model: ContinualModel, batch, tasks: list[str]):
     """A first task trains without the discriminator (one task to tell apart); later ones with it."""
-    ids, mask, labels = batch
-    model.route(tasks, pool_mask=mask if "second" in tasks else None, adversarial_weight=0.1)
+    ids, mask, labels, text = batch
+    model.route(tasks, text_mask=text if "second" in tasks else None, adversarial_weight=0.1)
     loss = model.lm_loss(ids, mask, labels)
     if model.routing.disc_labels is not None:
         loss = loss + model.discriminator_loss()[0]
@@ -73,10 +74,10 @@ def main() -> None:
     moecl.add_task("first", ["a"])
     moecl.add_task("second", ["a"])
     second = moecl.prepare_training(["second"])
-    per_task = count(p for m in moecl.wrapped for p in m.experts["second"].parameters())
+    per_task = count(p for m in moecl.wrapped for p in [*m.experts["second"].parameters(), *m.gates["second"].parameters()])
     disc_row = sum(m.discriminator.in_features + 1 for m in moecl.ffn_modules())
     shared = count(p for m in moecl.wrapped for p in m.experts[SHARED].parameters())
-    gates = count(p for m in moecl.wrapped for p in m.gate.parameters())
+    gate = count(p for m in moecl.wrapped for p in m.gates["second"].parameters())
 
     plain_backbone, _ = load_backbone(args.backbone)
     peft_model = get_peft_model(plain_backbone, PeftLoraConfig(
@@ -85,7 +86,7 @@ def main() -> None:
 
     n_first = args.batch - args.batch // 4  # a task-2 batch: 3/4 current rows, 1/4 memory of task 1
     variants = {
-        "peft LoRA": (lambda: answer_loss(causal_lm, *batch),
+        "peft LoRA": (lambda: answer_loss(causal_lm, *batch[:3]),
                       [p for p in peft_model.parameters() if p.requires_grad]),
         "moecl, first task": (lambda: moecl_step(moecl, batch, ["first"] * args.batch), None),
         "moecl, later task + discriminator": (
@@ -113,8 +114,8 @@ def main() -> None:
     base = statistics.median(times["peft LoRA"])
     rows = [{"variant": name, "median_s": statistics.median(t), "ratio_to_peft": statistics.median(t) / base,
              "steps": len(t)} for name, t in times.items()]
-    params = {"dedicated_expert_per_task": per_task, "discriminator_row_per_task": disc_row,
-              "added_per_task": per_task + disc_row, "shared_expert": shared, "gates": gates,
+    params = {"dedicated_expert_and_gate_per_task": per_task, "of_which_gate": gate,
+              "discriminator_row_per_task": disc_row, "added_per_task": per_task + disc_row, "shared_expert": shared,
               "peft_lora": count(p for p in peft_model.parameters() if p.requires_grad)}
     print(f"\nbackbone {args.backbone}, batch {args.batch} x {args.length} tokens, {torch.get_num_threads()} threads, "
           f"median of {args.steps} steps\n")

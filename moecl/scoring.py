@@ -40,7 +40,7 @@ def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answe
     if answer_ids.shape[1] == 1:
         return scores
     n_prompts, n_answers = len(prompts), len(answers)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(n_answers)  # row p * n_answers + a continues prompt p with answer a
     inputs = answer_ids[:, :-1].repeat(n_prompts, 1)
     inputs_mask = answer_mask[:, 1:].repeat(n_prompts, 1)
@@ -49,7 +49,7 @@ def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answe
         input_ids=inputs,
         attention_mask=torch.cat([mask.repeat_interleave(n_answers, 0), inputs_mask], dim=1),
         position_ids=lengths[:, None] + torch.arange(inputs.shape[1], device=device),
-        past_key_values=cache,
+        cache=cache,
     )
     targets = answer_ids[:, 1:].repeat(n_prompts, 1)
     token_lp = F.log_softmax(cont.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

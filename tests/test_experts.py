@@ -18,6 +18,15 @@ def _randomise_adapters(model, seed: int = 0) -> None:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
+def _two_task_model(tiny_model):
+    """A moecl model with tasks 'a' and 'b' and every adapter random (so each one matters)."""
+    model = tiny_model("moecl")
+    for task in ("a", "b"):
+        model.add_task(task, ["x", "y"])
+    _randomise_adapters(model)
+    return model
+
+
 def _naive_expert_ffn(module: MoEFeedForward, expert: str, x: torch.Tensor) -> torch.Tensor:
     """The expert's whole LoRA-adapted FFN, run on its own (the official design)."""
     loras = module.experts[expert]
@@ -53,38 +62,24 @@ def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model):
     assert torch.allclose(ffn(x), expected, atol=1e-5)
 
 
-def test_mixed_task_batch_routes_each_row_to_its_own_expert(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)
+def _mixed_then_single(model, compute, rows: list[str]) -> list[torch.Tensor]:
+    """`compute()` with the batch routed as `rows`, then with every row routed to 'a', then to 'b'."""
+    outputs = []
+    for routing in (rows, ["a"] * len(rows), ["b"] * len(rows)):
+        model.route(routing)
+        outputs.append(compute())
+    return outputs
+
+
+@pytest.mark.parametrize("part", ["ffn output", "gate mix"])
+def test_each_row_of_a_mixed_batch_uses_its_own_tasks_expert_and_gate(tiny_model, part):
+    model = _two_task_model(tiny_model)
     ffn = model.ffn_modules()[0]
     x = torch.randn(4, 6, ffn.base.gate_proj.in_features)
-    model.route(["a", "b", "b", "a"])
-    mixed = ffn(x)
-    model.route(["a"] * 4)
-    only_a = ffn(x)
-    model.route(["b"] * 4)
-    only_b = ffn(x)
+    compute = (lambda: ffn(x)) if part == "ffn output" else (lambda: ffn.mix_weights(x))
+    mixed, only_a, only_b = _mixed_then_single(model, compute, ["a", "b", "b", "a"])
     assert torch.allclose(mixed[[0, 3]], only_a[[0, 3]], atol=1e-6)
     assert torch.allclose(mixed[[1, 2]], only_b[[1, 2]], atol=1e-6)
-    assert not torch.allclose(only_a, only_b)
-
-
-def test_each_row_of_a_mixed_batch_is_mixed_by_its_own_tasks_gate(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)
-    ffn = model.ffn_modules()[0]
-    x = torch.randn(3, 4, ffn.base.gate_proj.in_features)
-    model.route(["b", "a", "b"])
-    mixed = ffn.mix_weights(x)
-    model.route(["a"] * 3)
-    only_a = ffn.mix_weights(x)
-    model.route(["b"] * 3)
-    only_b = ffn.mix_weights(x)
-    assert torch.allclose(mixed[1], only_a[1]) and torch.allclose(mixed[[0, 2]], only_b[[0, 2]])
     assert not torch.allclose(only_a, only_b)
 
 
@@ -102,10 +97,7 @@ def _disc_gradients(model, ids, mask, weight: float) -> tuple[dict, dict, float]
 
 
 def test_gradient_reversal_flips_only_the_shared_expert_gradient(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)
+    model = _two_task_model(tiny_model)
     model.prepare_training(["b"])
     ids = torch.randint(5, 200, (4, 9))
     mask = torch.ones_like(ids)
@@ -120,10 +112,7 @@ def test_gradient_reversal_flips_only_the_shared_expert_gradient(tiny_model):
 
 
 def test_discriminator_learns_while_its_gradient_into_the_shared_expert_is_reversed(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)  # a random tiny backbone's own FFN outputs are ~1e-4: too faint to classify
+    model = _two_task_model(tiny_model)  # a random tiny backbone's own FFN outputs are ~1e-4: too faint to classify
     discs = [p for m in model.ffn_modules() for p in m.discriminator.parameters()]
     optimizer = torch.optim.Adam(discs, lr=0.05)
     generator = torch.Generator().manual_seed(1)
@@ -141,10 +130,7 @@ def test_discriminator_learns_while_its_gradient_into_the_shared_expert_is_rever
 
 
 def test_a_discriminator_only_loss_reaches_no_dedicated_expert_and_no_gate(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)
+    model = _two_task_model(tiny_model)
     model.prepare_training(["b"])
     ids = torch.randint(5, 200, (4, 9))
     _disc_gradients(model, ids, torch.ones_like(ids), weight=1.0)
@@ -156,10 +142,7 @@ def test_a_discriminator_only_loss_reaches_no_dedicated_expert_and_no_gate(tiny_
 
 
 def test_the_discriminator_reads_the_text_alone_not_the_instruction_or_task_name(tiny_model):
-    model = tiny_model("moecl")
-    for task in ("a", "b"):
-        model.add_task(task, ["x", "y"])
-    _randomise_adapters(model)
+    model = _two_task_model(tiny_model)
     texts = ["the first text here", "another one, a little longer than that"]
     logits = []
     for instruction in ("Task: a. Say x or y.", "Task: b. Something else entirely, with more words."):

@@ -55,11 +55,12 @@ def test_task_free_routing_tells_the_sample_tasks_apart():
     """The router reads the frozen backbone alone, so it can be checked without training."""
     cfg = config_from_dict({
         "backbone": "smollm2-135m-instruct", "method": "moecl", "train": {"max_length": 96},
-        "eval": {"max_per_label": 8, "batch_size": 16},
+        "eval": {"max_per_label": 4, "batch_size": 16}, "router": {"fit_per_task": 64},
         "tasks": [{"name": t, "data": str(SAMPLE.parent / t)} for t in ("dbpedia", "agnews", "yelp")],
     })
     trainer = Trainer(cfg, "unused")
     for task in trainer.tasks:
+        trainer.model.add_task(task.name, task.labels)
         texts = [e.text for e in task.train][: cfg.router.fit_per_task]
         trainer.model.task_router.fit(task.name, text_features(trainer.model, texts, 96))
     routed = trainer.routing_accuracy()

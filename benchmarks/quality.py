@@ -138,12 +138,13 @@ def main() -> None:
     parser.add_argument("--memory-per-batch", type=int, default=2)
     parser.add_argument("--router-fit", type=int, default=256, help="training texts per task for the router")
     parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
-    parser.add_argument("--json", help="default: benchmarks/results/quality-SEQUENCE.json")
+    parser.add_argument("--json", help="default: benchmarks/results/quality.json for order1, else quality-SEQUENCE.json")
     parser.add_argument("--readme", type=Path, help="replace this file's table for the sequence")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tasks = SEQUENCES[args.sequence]
-    path = Path(args.json or f"benchmarks/results/quality-{args.sequence}.json")
+    name = "quality" if args.sequence == "order1" else f"quality-{args.sequence}"
+    path = Path(args.json or f"benchmarks/results/{name}.json")
     settings = {k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "json", "readme", "out", "data")}
     record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
     if record["settings"] != settings:

@@ -52,8 +52,9 @@ class RetentionConfig:
     `distill`: weight of a KL term pulling the model's answer distribution on the memory inputs
     toward the model's own answers before this stage (the teacher's answer is its prediction:
     no gold labels are kept). `shared_l2`: weight of an L2 pull of the shared expert toward its
-    value at the start of the stage (a bounded update)."""
-    distill: float = 1.0
+    value at the start of the stage (a bounded update). Both off by default: with per-task gates
+    frozen, neither improved the old task in `benchmarks/retention.py` (README)."""
+    distill: float = 0.0
     shared_l2: float = 0.0
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def summarise(runs: dict[str, dict]) -> dict:
             values = [m[key] for m in ms if m.get(key) is not None]
             entry[key] = mean_ci(values) if values else None
         entry["diagonal"] = {t: mean_ci([diagonal(m)[i] for m in ms]) for i, t in enumerate(tasks)}
+        adversary = [statistics.fmean(st["disc_acc"] for st in m["training"][1:])
+                     for m in ms if len(m.get("training", [])) > 1 and "disc_acc" in m["training"][1]]
+        if adversary:  # balanced accuracy of the discriminators on later stages; chance is 1 / tasks in a batch
+            entry["discriminator_accuracy"] = mean_ci(adversary)
         routed = [m["routing_accuracy"] for m in ms if m.get("routing_accuracy")]
         if routed:
             entry["routing_accuracy"] = {t: mean_ci([r[t] for r in routed]) for t in tasks}
@@ -104,6 +109,10 @@ def table(summary: dict, tasks: list[str], chance: dict[str, float]) -> str:
     if diff:
         lines.append(f"\nmoecl minus moecl-nogan, paired by seed ({diff['seeds']} seeds): "
                      f"AA {_points(diff['aa'], True)}, BWT {_points(diff['bwt'], True)} points.")
+    adversary = summary.get("moecl", {}).get("discriminator_accuracy")
+    if adversary:
+        lines.append(f"moecl's discriminators on stages after the first (balanced accuracy; a batch holds the current "
+                     f"task and memory of old ones, so chance is at most 50): {_points(adversary)}.")
     routed = summary.get("moecl", {}).get("routing_accuracy")
     if routed:
         lines.append("Task-free routing accuracy (moecl's router, test texts): "

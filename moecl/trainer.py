@@ -50,6 +50,7 @@ class Progress:
     before_training: list[float] = field(default_factory=list)
     baseline: list[float] | None = None
     routing_accuracy: dict[str, float] | None = None
+    training: list[dict] = field(default_factory=list)  # per stage: its name, steps and mean step stats
 
 
 def load_tasks(cfg: Config) -> list[TaskData]:
@@ -237,6 +238,7 @@ class Trainer:
         model.train()
         bar = tqdm(total=steps, desc=f"train {name}", leave=False)
         step = 0
+        totals: dict[str, float] = {}
         for _ in range(cfg.train.epochs):
             rng.shuffle(examples)
             for start in range(0, len(examples), size):
@@ -251,10 +253,13 @@ class Trainer:
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
                 if step % LOG_EVERY == 0 or step == steps:
                     log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
         bar.close()
         model.eval()
+        self.progress.training.append({"stage": name, "steps": steps, **{k: v / steps for k, v in totals.items()}})
         if cfg.router.fit_per_task:
             for task in stage:
                 texts = [e.text for e in per_label(task.train, cfg.train.max_per_label, cfg.train.seed)]
@@ -356,7 +361,8 @@ class Trainer:
         fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
         metrics = summarise(names, progress.matrix, *fwt_inputs)
         metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
-                       routing_accuracy=progress.routing_accuracy, train_seconds=round(seconds, 1))
+                       routing_accuracy=progress.routing_accuracy, training=progress.training,
+                       train_seconds=round(seconds, 1))
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task")
         return metrics

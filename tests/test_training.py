@@ -108,10 +108,13 @@ def _adapters_groups(run_dir):
 
 def test_moecl_trains_its_discriminator_on_memory_of_old_tasks(tmp_path, task_dirs, caplog):
     caplog.set_level("INFO", logger="moecl")
-    _train(tmp_path, task_dirs, memory={"per_task": 6, "per_batch": 3})
+    metrics = _train(tmp_path, task_dirs, memory={"per_task": 6, "per_batch": 3})
     disc_lines = [r.getMessage() for r in caplog.records if "disc_acc=" in r.getMessage()]
     assert disc_lines and all("task=" in line and "loss=" in line for line in disc_lines)
     assert all("topics" not in line.split()[0] for line in disc_lines)  # first task has no discriminator
+    stages = metrics["training"]
+    assert [s["stage"] for s in stages] == list(task_dirs) and "disc_acc" not in stages[0]
+    assert all(0.0 <= s["disc_acc"] <= 1.0 for s in stages[1:])
 
 
 def test_classifier_head_mode_trains_and_predicts(tmp_path, task_dirs):

@@ -28,7 +28,9 @@ SEQUENCES = {
     # yelp was never used to choose a design or a setting: a held-out check.
     "heldout-pair": ["agnews", "yelp"],
 }
-def run_one(method: str, seed: int, args, tasks: list[str]) -> dict:
+def run_one(method: str, seed: int, args, tasks: list[str], baseline: list[float] | None) -> dict:
+    """One (method, seed) run. `baseline`: the bare backbone's accuracy on this seed's test sets if
+    another method already measured it (it depends on neither the method nor training)."""
     from moecl.trainer import Trainer
 
     raw = {
@@ -45,7 +47,10 @@ def run_one(method: str, seed: int, args, tasks: list[str]) -> dict:
     }
     cfg = config_from_dict(raw, source=f"quality:{method}:seed{seed}")
     started = time.time()
-    metrics = Trainer(cfg, Path(args.out) / args.sequence / f"{method}-seed{seed}").run(resume=True)
+    trainer = Trainer(cfg, Path(args.out) / args.sequence / f"{method}-seed{seed}")
+    if cfg.eval.forward_transfer:
+        trainer.progress.baseline = baseline  # a resumed checkpoint brings its own
+    metrics = trainer.run(resume=True)
     metrics["wall_seconds"] = round(time.time() - started, 1)
     return metrics
 
@@ -163,7 +168,8 @@ def main() -> None:
             key = f"{method}/seed{seed}"
             if key in record["runs"]:
                 continue
-            metrics = run_one(method, seed, args, tasks)
+            measured = [r["baseline"] for k, r in record["runs"].items() if k.endswith(f"/seed{seed}") and r.get("baseline")]
+            metrics = run_one(method, seed, args, tasks, measured[0] if measured else None)
             record["runs"][key] = metrics
             record["summary"] = summarise(record["runs"])
             path.parent.mkdir(parents=True, exist_ok=True)

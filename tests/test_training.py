@@ -153,7 +153,8 @@ def test_old_tasks_gates_stay_bit_identical_and_the_new_tasks_gate_trains(tmp_pa
 
 
 def test_distillation_targets_are_the_models_own_answers_before_the_stage(tmp_path, task_dirs):
-    cfg = load_config(write_config(tmp_path / "c.yaml", task_dirs, memory={"per_task": 4, "per_batch": 2}))
+    cfg = load_config(write_config(tmp_path / "c.yaml", task_dirs, memory={"per_task": 4, "per_batch": 2},
+                                   retention={"distill": 1.0}))
     trainer = Trainer(cfg, tmp_path / "run")
     topics = trainer.tasks[0]
     trainer.model.add_task(topics.name, topics.labels)

@@ -98,11 +98,26 @@ def set_special_tokens(tokenizer: PreTrainedTokenizerBase, model) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_backbone(name: str):
-    """Return (model, tokenizer) with every base weight frozen and special tokens set."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when present; asking for CUDA where there is none is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is visible")
+    return torch.device(device)
+
+
+def load_backbone(name: str, device: str = "cpu", precision: str = "fp32"):
+    """Return (model, tokenizer) with every base weight frozen and special tokens set. The weights
+    are loaded in the precision's type straight onto the device."""
     path = backbone_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    target = resolve_device(device)
+    placement = {} if target.type == "cpu" else {"device_map": {"": str(target)}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision], **placement)
     set_special_tokens(tokenizer, model)
     model.requires_grad_(False)
     model.eval()

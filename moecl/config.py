@@ -16,6 +16,8 @@ import yaml
 
 METHODS = ("moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "mtl")
 HEADS = ("lm", "classifier")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -78,6 +80,11 @@ class TrainConfig:
     max_per_label: int | None = None
     seed: int = 0
     max_grad_norm: float | None = None  # clip the global gradient norm (None: no clipping)
+    device: str = "auto"  # auto: CUDA when present
+    # fp32, or bf16 / fp16: the frozen backbone is stored in that type and every forward runs under
+    # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False  # recompute the backbone's layer activations in backward
 
 
 @dataclass
@@ -196,6 +203,8 @@ def _check(cfg: Config, source: str) -> None:
             f"{source}: method {cfg.method} needs an FFN projection ({', '.join(FFN_PROJECTIONS)}) in lora.targets: "
             "the discriminator reads the shared expert's FFN output")
     checks = [
+        (cfg.train.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}"),
+        (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

@@ -200,7 +200,7 @@ class MoEFeedForward(ExpertModule):
         if len(streams) == 1:
             return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), self.dropout(hidden[0]))
 
-        w_shared = self.shared_weight(x)
+        w_shared = self.shared_weight(x).to(hidden[0].dtype)  # autocast computes the softmax in fp32
         # The base down projection is linear: applying it once to the mixed hidden state equals
         # mixing the two experts' outputs.
         out = self.base.down_proj(torch.lerp(hidden[1], hidden[0], w_shared))

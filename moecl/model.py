@@ -5,6 +5,8 @@ only adapter tensors (experts, gates, discriminators, heads) are trainable or sa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,12 +58,13 @@ def inject_experts(backbone: nn.Module, routing: Routing, lora: LoraConfig) -> l
 class ContinualModel(nn.Module):
     """Backbone + experts for a growing list of tasks, with one routing policy per method."""
 
-    def __init__(self, backbone, tokenizer, method: str, lora: LoraConfig, head: str = "lm"):
+    def __init__(self, backbone, tokenizer, method: str, lora: LoraConfig, head: str = "lm", precision: str = "fp32"):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.method = method
         self.head = head
+        self.precision = precision
         self.routing = Routing(mode=METHOD_ROUTING[method])
         self.wrapped = nn.ModuleList(inject_experts(backbone, self.routing, lora))
         self.heads = nn.ModuleDict()
@@ -106,6 +109,14 @@ class ContinualModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.backbone.get_input_embeddings().weight.device
+
+    def autocast(self):
+        """The context every forward runs in: mixed precision for bf16/fp16 (fp32 adapter weights are
+        cast per operation), nothing for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def prepare_training(self, tasks: list[str]) -> list[nn.Parameter]:
         """Freeze every adapter tensor, then unfreeze what training `tasks` may change: the shared

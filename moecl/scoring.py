@@ -71,11 +71,12 @@ def predict(model: ContinualModel, prompt: TaskPrompt, texts: list[str], batch_s
         for start in tqdm(range(0, len(texts), step), desc=f"eval {task}", disable=not progress, leave=False):
             chunk = [prompt.prompt(t) for t in texts[start:start + step]]
             model.route([task] * len(chunk))
-            if model.head == "classifier":
-                ids, mask = _pad(chunk, model.tokenizer.pad_token_id, left=False, device=model.device)
-                scores = model.class_logits(ids, mask, task)
-            else:
-                scores = label_log_likelihoods(model, chunk, prompt.answers)
+            with model.autocast():
+                if model.head == "classifier":
+                    ids, mask = _pad(chunk, model.tokenizer.pad_token_id, left=False, device=model.device)
+                    scores = model.class_logits(ids, mask, task)
+                else:
+                    scores = label_log_likelihoods(model, chunk, prompt.answers)
             predictions.extend(scores.argmax(-1).tolist())
     finally:
         model.train(was_training)

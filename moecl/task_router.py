@@ -30,7 +30,9 @@ def text_features(model, texts: list[str], budget: int, batch_size: int = 16) ->
             pad = model.tokenizer.pad_token_id
             input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=model.device)
-            hidden = model.hidden_states(input_ids, mask).double()
+            with model.autocast():
+                hidden = model.hidden_states(input_ids, mask)
+            hidden, mask = hidden.double(), mask.double()
             rows.append((hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True))
     finally:
         state.bypass = was_bypassed

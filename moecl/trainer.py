@@ -77,9 +77,12 @@ class Trainer:
         self.tasks = load_tasks(cfg)  # all data is checked before the backbone is even loaded
         self.task_data = {t.name: t for t in self.tasks}
         if model is None:
-            backbone, tokenizer = load_backbone(cfg.backbone)
-            model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head)
+            backbone, tokenizer = load_backbone(cfg.backbone, cfg.train.device, cfg.train.precision)
+            model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head, cfg.train.precision)
         self.model = model
+        if cfg.train.gradient_checkpointing:
+            # Non-reentrant: the frozen embeddings' outputs need no gradient, and dropout masks are replayed.
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
@@ -137,9 +140,10 @@ class Trainer:
             chunk = rows[start:start + size]
             input_ids, mask, labels, _, _ = self._batch([r.example for r in chunk], supervised=len(chunk))
             model.route([r.example.task for r in chunk])
-            hidden = model.hidden_states(input_ids, mask)[:, :-1]
             keep = labels[:, 1:] != IGNORE
-            log_probs = F.log_softmax(model.backbone.get_output_embeddings()(hidden[keep]).float(), dim=-1)
+            with model.autocast():
+                hidden = model.hidden_states(input_ids, mask)[:, :-1]
+                log_probs = F.log_softmax(model.backbone.get_output_embeddings()(hidden[keep]).float(), dim=-1)
             for row, part in zip(chunk, log_probs.split(keep.sum(1).tolist())):
                 row.teacher = part
         model.train(was_training)
@@ -182,6 +186,11 @@ class Trainer:
 
     def _step_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
                    anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        with self.model.autocast():
+            return self._forward_loss(rows, memory_rows, stage_task, anchor)
+
+    def _forward_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
+                      anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         model, cfg = self.model, self.cfg
         supervised = len(rows)
         rows = rows + [r.example for r in memory_rows]
@@ -232,6 +241,8 @@ class Trainer:
         anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if ".experts.shared." in n}
                   if self._moecl and past and cfg.retention.shared_l2 > 0 else {})
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.train.precision == "fp16")
         name = "+".join(t.name for t in stage)
         size = cfg.train.batch_size
         steps = cfg.train.epochs * ((len(examples) + size - 1) // size)
@@ -246,10 +257,12 @@ class Trainer:
                 memory_rows = rng.sample(memory, min(cfg.memory.per_batch, len(memory))) if memory else []
                 loss, stats = self._step_loss(rows, memory_rows, stage[-1].name, anchor)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.train.max_grad_norm:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})

@@ -1,0 +1,71 @@
+"""Device, precision and activation checkpointing on the CPU: bf16 and fp16 train with fp32 adapter
+weights; checkpointing recomputes the same gradients; the expert injection is not Llama-only."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from moecl.backbone import TINY_LLAMA, backbone_path
+from moecl.config import load_config
+from moecl.trainer import Trainer
+from tests.conftest import write_config
+
+
+def _trainer(tmp_path, task_dirs, name: str, **overrides) -> Trainer:
+    return Trainer(load_config(write_config(tmp_path / f"{name}.yaml", task_dirs, **overrides)), tmp_path / name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_trains_with_fp32_adapters_to_fp32s_accuracy(tmp_path, task_dirs, precision):
+    topics = {"topics": task_dirs["topics"]}
+    settings = {"method": "seq-lora", "train": {"epochs": 8, "lr": 0.01, "device": "cpu"}}
+    full = _trainer(tmp_path, topics, "fp32", **settings).run()
+    trainer = _trainer(tmp_path, topics, precision, **{**settings, "train": {**settings["train"], "precision": precision}})
+    half = trainer.run()
+    model = trainer.model
+    assert model.backbone.get_input_embeddings().weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert all(p.dtype == torch.float32 for m in model.wrapped for n, p in m.named_parameters() if not n.startswith("base."))
+    assert abs(half["accuracy_matrix"][0][0] - full["accuracy_matrix"][0][0]) <= 1 / 9 + 1e-9  # one test example of 9
+    assert half["accuracy_matrix"][0][0] > 1 / 3
+
+
+def test_moecl_with_its_discriminator_runs_in_bf16(tmp_path, task_dirs):
+    metrics = _trainer(tmp_path, task_dirs, "bf16", train={"epochs": 1, "precision": "bf16", "device": "cpu"}).run()
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+    assert all(0.0 <= s["disc_acc"] <= 1.0 for s in metrics["training"][1:])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, task_dirs):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = _trainer(tmp_path, task_dirs, f"ckpt{checkpointing}", train={"gradient_checkpointing": checkpointing})
+        model = trainer.model
+        torch.manual_seed(0)  # the same adapters both times
+        for task in trainer.tasks[:2]:
+            model.add_task(task.name, task.labels)
+        model.prepare_training(["sentiment"])
+        model.train()
+        rows = trainer.tasks[1].train[:3] + trainer.tasks[0].train[:1]
+        loss, _ = trainer._step_loss(rows, [], "sentiment", {})
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_experts_are_injected_into_a_qwen2_backbone(tmp_path, task_dirs):
+    folder = tmp_path / "tiny-qwen2"
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path(TINY_LLAMA))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.1)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    trainer = _trainer(tmp_path, task_dirs, "qwen2", backbone=str(folder), train={"epochs": 1})
+    metrics = trainer.run()
+    assert type(trainer.model.backbone).__name__ == "Qwen2ForCausalLM"
+    assert len(trainer.model.ffn_modules()) == 2  # one expert-carrying FFN per layer
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]

@@ -62,6 +62,7 @@ def run_one(method: str, seed: int, args, tasks: list[str], baseline: list[float
         "method": method,
         "adversarial": {"weight": args.adversarial_weight},
         "memory": {"per_task": args.memory_per_task, "per_batch": args.memory_per_batch},
+        "retention": {"shared": args.retention_shared},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
                   "max_per_label": args.train_per_label, "seed": seed},
         "eval": {"max_per_label": args.test_per_label, "batch_size": 16, "forward_transfer": method != "mtl",
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--memory-per-task", type=int, default=16)
     parser.add_argument("--memory-per-batch", type=int, default=2)
     parser.add_argument("--router-fit", type=int, default=256, help="training texts per task for the router")
+    parser.add_argument("--retention-shared", choices=["snapshot", "live"], default="snapshot",
+                        help="moecl: old tasks read a frozen snapshot of the shared expert, or the live one")
     parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
     parser.add_argument("--json", help="default: benchmarks/results/quality.json for order1, else quality-SEQUENCE.json")
     parser.add_argument("--readme", type=Path, help="replace this file's table for the sequence")

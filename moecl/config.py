@@ -51,11 +51,16 @@ class MemoryConfig:
 class RetentionConfig:
     """What keeps old tasks' answers while the shared expert trains on a new task (moecl methods).
 
-    `distill`: weight of a KL term pulling the model's answer distribution on the memory inputs
+    `shared`: "snapshot" (default) freezes a copy of the shared expert when a task's stage ends, and
+    that task reads its copy from then on: old tasks cannot be changed by later training (their
+    expert and gate are frozen too), while each new task starts from, and keeps training, the
+    live shared expert. "live": every task reads the one live shared expert (the paper's design;
+    it forgot on the held-out pair, see README). `distill`: weight of a KL term pulling the model's answer distribution on the memory inputs
     toward the model's own answers before this stage (the teacher's answer is its prediction:
     no gold labels are kept). `shared_l2`: weight of an L2 pull of the shared expert toward its
-    value at the start of the stage (a bounded update). Both off by default: with per-task gates
-    frozen, neither improved the old task in `benchmarks/retention.py` (README)."""
+    value at the start of the stage (a bounded update). Both off by default (with "live", neither
+    improved the old task in `benchmarks/retention.py`; with "snapshot" they have nothing to do)."""
+    shared: str = "snapshot"
     distill: float = 0.0
     shared_l2: float = 0.0
 
@@ -213,6 +218,7 @@ def _check(cfg: Config, source: str) -> None:
         (cfg.memory.per_task >= 0 and cfg.memory.per_batch >= 0, "memory sizes must be >= 0"),
         (cfg.adversarial.weight >= 0, "adversarial.weight must be >= 0"),
         (cfg.retention.distill >= 0 and cfg.retention.shared_l2 >= 0, "retention weights must be >= 0"),
+        (cfg.retention.shared in ("snapshot", "live"), "retention.shared must be 'snapshot' or 'live'"),
         (cfg.router.fit_per_task >= 0, "router.fit_per_task must be >= 0"),
         (not (cfg.head == "classifier" and cfg.method.startswith("moecl") and cfg.retention.distill > 0),
          "retention.distill distils answer tokens and needs head 'lm'; set it to 0 with head 'classifier'"),

@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 SHARED = "shared"
+LIVE = "live"  # the stream of the live shared expert, whatever the rows' tasks (what the discriminator reads)
+SNAPSHOT = "shared@"  # '@' cannot occur in a task name
+
+
+def snapshot_name(task: str) -> str:
+    return f"{SNAPSHOT}{task}"
 ROUTING_MODES = ("gated", "shared", "task", "sum")
 
 
@@ -113,15 +119,29 @@ class ExpertModule(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         self.experts[name] = nn.ModuleDict(
             {proj: LoRA(i, o, r, alpha) for proj, (i, o) in self.shapes.items()}).to(device)
-        if self.state.mode == "gated" and name != SHARED:
+        if self.state.mode == "gated" and name != SHARED and not name.startswith(SNAPSHOT):
             gate = nn.Linear(self.gate_features, 2, bias=False)
             nn.init.zeros_(gate.weight)  # start as an even mix of shared and task expert
             self.gates[name] = gate.to(device)
 
+    def snapshot_shared(self, task: str) -> None:
+        """Freeze a copy of the shared expert as `task` will read it from now on."""
+        name = snapshot_name(task)
+        if name not in self.experts:
+            self.add_expert(name)
+        self.experts[name].load_state_dict(self.experts[SHARED].state_dict())
+        self.experts[name].requires_grad_(False)
+
     def _stream_experts(self, stream: str) -> tuple[list[str], torch.Tensor | None]:
-        """The experts a stream adds up, and which rows each serves (None: every row)."""
-        if stream == SHARED:
+        """The experts a stream adds up, and which rows each serves (None: every row). A task with
+        a snapshot of the shared expert reads that snapshot; the task being trained reads the live one."""
+        if stream == LIVE:
             return [SHARED], None
+        if stream == SHARED:
+            names = [snapshot_name(t) if snapshot_name(t) in self.experts else SHARED for t in self.state.batch_tasks]
+            if len(set(names)) <= 1:
+                return names[:1] or [SHARED], None
+            return names, self.state.row_mask
         if self.state.mode == "sum":
             return self.state.task_experts, None
         return self.state.batch_tasks, self.state.row_mask
@@ -225,12 +245,12 @@ class MoEFeedForward(ExpertModule):
         rows = tokens // self.state.pool_mask.shape[1]
         x, gx, ux = (t.detach().flatten(0, -2)[tokens] for t in (x, gx, ux))
         base_hidden = self.base.act_fn(gx) * ux
-        shared_hidden = self.base.act_fn(self.add_delta(SHARED, "gate_proj", gx, x)) * self.add_delta(SHARED, "up_proj", ux, x)
+        shared_hidden = self.base.act_fn(self.add_delta(LIVE, "gate_proj", gx, x)) * self.add_delta(LIVE, "up_proj", ux, x)
         batch = self.state.pool_mask.shape[0]
         pool = F.one_hot(rows, batch).T.to(x.dtype)
         pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1)  # (batch, tokens) averaging weights
         pooled = self.base.down_proj(pool @ (shared_hidden - base_hidden))
-        pooled = self.add_delta(SHARED, "down_proj", pooled, pool @ shared_hidden)
+        pooled = self.add_delta(LIVE, "down_proj", pooled, pool @ shared_hidden)
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
 

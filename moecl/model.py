@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_PROJECTIONS, LoraConfig
-from .experts import SHARED, ExpertModule, MoEFeedForward, MoELinear, Routing
+from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing, snapshot_name
 from .task_router import TaskRouter
 
 METHOD_ROUTING = {
@@ -102,6 +102,12 @@ class ContinualModel(nn.Module):
         if self.head == "classifier":
             hidden = self.backbone.get_input_embeddings().embedding_dim
             self.heads[name] = nn.Linear(hidden, len(labels)).to(self.device)
+
+    def snapshot_shared(self, task: str) -> None:
+        """From now on `task` reads a frozen copy of the shared expert as it is now: later tasks'
+        training of the shared expert can no longer change its answers."""
+        for module in self.wrapped:
+            module.snapshot_shared(task)
 
     def ffn_modules(self) -> list[MoEFeedForward]:
         return [m for m in self.wrapped if isinstance(m, MoEFeedForward)]
@@ -220,6 +226,13 @@ class ContinualModel(nn.Module):
         return groups
 
     def load_adapter_groups(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+        for group in groups:  # snapshots of the shared expert are made by training: make room for them
+            if group.startswith(f"expert-{SNAPSHOT}"):
+                name = group.removeprefix("expert-")
+                for module in self.wrapped:
+                    if name not in module.experts:
+                        module.add_expert(name)
+                        module.experts[name].requires_grad_(False)
         expected = set(self.adapter_groups()) - {ROUTER_GROUP}
         if set(groups) - {ROUTER_GROUP} != expected:
             raise ValueError(f"checkpoint holds {sorted(groups)}, the model expects {sorted(expected)}")

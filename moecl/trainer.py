@@ -273,6 +273,9 @@ class Trainer:
         bar.close()
         model.eval()
         self.progress.training.append({"stage": name, "steps": steps, **{k: v / steps for k, v in totals.items()}})
+        if self._moecl and cfg.retention.shared == "snapshot":
+            for task in stage:
+                model.snapshot_shared(task.name)
         if cfg.router.fit_per_task:
             for task in stage:
                 texts = [e.text for e in per_label(task.train, cfg.train.max_per_label, cfg.train.seed)]

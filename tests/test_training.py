@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from moecl.checkpoint import load_model
 from moecl.cli import main
 from moecl.config import load_config
-from moecl.scoring import predict
+from moecl.scoring import label_log_likelihoods, predict
 from moecl.trainer import Trainer
 from tests.conftest import write_config
 
@@ -95,7 +95,8 @@ def test_every_method_trains_and_reports(tmp_path, task_dirs, method):
     assert (tmp_path / "run" / "heatmap.png").stat().st_size > 1000
     groups = set(_adapters_groups(tmp_path / "run"))
     expected_experts = {
-        "moecl": {"shared", "topics", "sentiment", "animals"}, "moecl-nogan": {"shared", "topics", "sentiment", "animals"},
+        "moecl": {"shared", "topics", "sentiment", "animals", "shared@topics", "shared@sentiment", "shared@animals"},
+        "moecl-nogan": {"shared", "topics", "sentiment", "animals", "shared@topics", "shared@sentiment", "shared@animals"},
         "seq-lora": {"shared"}, "replay": {"shared"}, "mtl": {"shared"},
         "inc-lora": {"topics", "sentiment", "animals"}, "olora": {"topics", "sentiment", "animals"},
     }[method]
@@ -165,3 +166,26 @@ def test_distillation_targets_are_the_models_own_answers_before_the_stage(tmp_pa
     for row in memory:
         assert row.teacher.shape[0] == len(trainer.prompts["topics"].answers[row.example.label])
         assert torch.allclose(row.teacher.exp().sum(-1), torch.ones(row.teacher.shape[0]), atol=1e-4)
+
+
+def _old_task_scores(run_dir) -> torch.Tensor:
+    model, prompts, _ = load_model(run_dir)
+    texts = ["this one is about sports golf", "science science", "politics and more"]
+    model.route(["topics"] * len(texts))
+    return label_log_likelihoods(model, [prompts["topics"].prompt(t) for t in texts], prompts["topics"].answers)
+
+
+@pytest.mark.parametrize("shared", ["snapshot", "live"])
+def test_an_old_tasks_answers_change_later_only_with_a_live_shared_expert(tmp_path, task_dirs, shared):
+    settings = {"train": {"epochs": 2}, "retention": {"shared": shared}}
+    _train(tmp_path, {"topics": task_dirs["topics"]}, **settings)
+    before = _old_task_scores(tmp_path / "run")
+    _train(tmp_path, task_dirs, resume=True, **settings)
+    after = _old_task_scores(tmp_path / "run")
+    groups = set(_adapters_groups(tmp_path / "run"))
+    if shared == "snapshot":
+        assert torch.equal(before, after)
+        assert {"expert-shared@topics", "expert-shared@sentiment", "expert-shared@animals"} <= groups
+    else:
+        assert not torch.allclose(before, after)
+        assert not any("@" in g for g in groups)

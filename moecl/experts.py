@@ -132,6 +132,11 @@ class ExpertModule(nn.Module):
         self.experts[name].load_state_dict(self.experts[SHARED].state_dict())
         self.experts[name].requires_grad_(False)
 
+    def release_snapshot(self, task: str) -> None:
+        """`task` is trained again: it reads the live shared expert until its stage ends."""
+        if snapshot_name(task) in self.experts:
+            del self.experts[snapshot_name(task)]
+
     def _stream_experts(self, stream: str) -> tuple[list[str], torch.Tensor | None]:
         """The experts a stream adds up, and which rows each serves (None: every row). A task with
         a snapshot of the shared expert reads that snapshot; the task being trained reads the live one."""

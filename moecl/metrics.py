@@ -69,8 +69,10 @@ def summarise(tasks: list[str], matrix: list[list[float]], before_training: list
     return summary
 
 
-def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title: str) -> None:
-    """Accuracy matrix as a heatmap PNG; cells not yet evaluated stay blank."""
+def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title: str,
+                 stages: list[str] | None = None) -> None:
+    """Accuracy matrix as a heatmap PNG, a row per stage (named by `stages`, default: the tasks in
+    order, which fits one new task per stage); cells not evaluated stay blank."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,7 +84,8 @@ def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title:
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 0.9 * len(matrix) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix)), [f"after {t}" for t in tasks[: len(matrix)]] if len(matrix) > 1 else ["after all"])
+    stages = stages or (tasks[: len(matrix)] if len(matrix) > 1 else ["all"])
+    ax.set_yticks(range(len(matrix)), [f"after {name}" for name in stages])
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is None:

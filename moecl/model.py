@@ -109,6 +109,10 @@ class ContinualModel(nn.Module):
         for module in self.wrapped:
             module.snapshot_shared(task)
 
+    def release_snapshot(self, task: str) -> None:
+        for module in self.wrapped:
+            module.release_snapshot(task)
+
     def ffn_modules(self) -> list[MoEFeedForward]:
         return [m for m in self.wrapped if isinstance(m, MoEFeedForward)]
 

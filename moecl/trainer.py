@@ -236,6 +236,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         rng = random.Random(cfg.train.seed * 1000 + index)
         examples = [e for t in stage for e in per_label(t.train, cfg.train.max_per_label, cfg.train.seed)]
+        for task in stage:  # a task trained again (its data changed) learns with the live shared expert
+            model.release_snapshot(task.name)
         memory = self._memory(past)
         params = model.prepare_training([t.name for t in stage])
         anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if ".experts.shared." in n}
@@ -380,5 +382,7 @@ class Trainer:
                        routing_accuracy=progress.routing_accuracy, training=progress.training,
                        train_seconds=round(seconds, 1))
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task")
+        stages = [s["stage"] for s in progress.training] if len(progress.training) == len(progress.matrix) else None
+        plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task",
+                     stages)
         return metrics

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moecl.checkpoint import load_model
+from moecl.checkpoint import load_model, read_manifest
 from moecl.cli import main
 from moecl.config import load_config
 from moecl.scoring import label_log_likelihoods, predict
@@ -189,3 +189,17 @@ def test_an_old_tasks_answers_change_later_only_with_a_live_shared_expert(tmp_pa
     else:
         assert not torch.allclose(before, after)
         assert not any("@" in g for g in groups)
+
+
+def test_a_task_trained_again_reads_the_live_shared_expert_then_a_new_snapshot(tmp_path, task_dirs):
+    _train(tmp_path, task_dirs, train={"epochs": 1})
+    cfg = load_config(write_config(tmp_path / "again.yaml", task_dirs, train={"epochs": 1}))
+    trainer = Trainer(cfg, tmp_path / "again")
+    topics = trainer.tasks[0]
+    trainer.extend(read_manifest(tmp_path / "run"), [[topics]])
+    snapshot = _adapters(tmp_path / "again", "expert-shared@topics")
+    live = _adapters(tmp_path / "again", "expert-shared")
+    assert len(snapshot) == len(live)
+    assert all(torch.equal(t, live[k.replace("shared@topics", "shared")]) for k, t in snapshot.items())  # re-taken
+    old = _adapters(tmp_path / "run", "expert-shared")
+    assert any(not torch.equal(old[k], live[k]) for k in live)  # the live expert trained on topics again

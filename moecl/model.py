@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_PROJECTIONS, LoraConfig
-from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing, snapshot_name
+from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing
 from .task_router import TaskRouter
 
 METHOD_ROUTING = {

@@ -3,7 +3,7 @@ next to chance, task-free routing accuracy, and the moecl - moecl-nogan differen
 
 Each finished (method, seed) run is written to the JSON at once, so an interrupted benchmark resumes
 where it stopped; `summary` is rebuilt from every run in the file. With --readme, the table between
-`<!-- quality:SEQUENCE -->` markers in that file is replaced by the new one.
+`<!-- STEM -->` markers in that file (STEM: the JSON file's name without .json) is replaced.
 
     python benchmarks/quality.py --sequence order1 --seeds 0 1 2 [--methods moecl inc-lora ...]
 """
@@ -150,11 +150,12 @@ def table(summary: dict, tasks: list[str], chance: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path, sequence: str, text: str) -> None:
-    begin, end = f"<!-- quality:{sequence} -->", f"<!-- /quality:{sequence} -->"
+def write_readme(path: Path, name: str, text: str) -> None:
+    """Replace the text between `<!-- NAME -->` and `<!-- /NAME -->` (NAME: the results file's stem)."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     readme = path.read_text()
     if begin not in readme:
-        raise SystemExit(f"{path}: no {begin} marker to put the {sequence} table under")
+        raise SystemExit(f"{path}: no {begin} marker to put the table of {name}.json under")
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     path.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme))
 
@@ -211,7 +212,7 @@ def main() -> None:
             + table(record["summary"], tasks, chance))
     print("\n" + text)
     if args.readme:
-        write_readme(args.readme, args.sequence, text)
+        write_readme(args.readme, path.stem, text)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
 
 
 def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, project):
-    tracking_uri, launch = _launcher(tmp_path)
+    # With the default shared-expert snapshots a new task cannot reach the old ones at all; the live
+    # shared expert (the paper's design) can, which is what this gate test needs.
+    live = {**TINY_TRAINING, "retention": {"shared": "live"}}
+    tracking_uri, launch = _launcher(tmp_path, training=live)
     snapshot(project)
     trigger(project, tracking_uri, launch)
     write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
@@ -104,8 +107,8 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
     trigger(project, tracking_uri, launch)
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
 
-    # A deliberately harmful run: a huge learning rate wrecks the shared expert every task uses.
-    _, harmful = _launcher(tmp_path, training={"train": {**TINY_TRAINING["train"], "lr": 50.0}},
+    # A deliberately harmful run: a huge learning rate wrecks the live shared expert every task reads.
+    _, harmful = _launcher(tmp_path, training={**live, "train": {**TINY_TRAINING["train"], "lr": 50.0}},
                            gate={"max_old_task_drop": 0.0})
     write_task(project / "data" / "colors", ["red", "blue"], salt="paint ")
     snapshot(project)

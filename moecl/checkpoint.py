@@ -64,9 +64,9 @@ def load_adapters(model: ContinualModel, manifest: dict) -> None:
     model.load_adapter_groups(groups)
 
 
-def load_model(path: str | Path, device: str | None = None):
-    """(model, prompts per task, manifest) of a checkpoint, ready to predict, in the run's precision
-    on `device` (default: CUDA when present, wherever the run was trained)."""
+def load_model(path: str | Path):
+    """(model, prompts per task, manifest) of a checkpoint, ready to predict, in the run's precision,
+    on CUDA when present (wherever the run was trained)."""
     from .backbone import load_backbone
     from .config import LoraConfig
     from .prompts import TaskPrompt
@@ -74,7 +74,7 @@ def load_model(path: str | Path, device: str | None = None):
     manifest = read_manifest(Path(path))
     train = manifest["config"]["train"]
     precision = train.get("precision", "fp32")
-    backbone, tokenizer = load_backbone(manifest["backbone"], device or "auto", precision)
+    backbone, tokenizer = load_backbone(manifest["backbone"], "auto", precision)
     model = ContinualModel(backbone, tokenizer, manifest["method"], LoraConfig(**manifest["config"]["lora"]),
                            manifest["head"], precision)
     for task in manifest["tasks"]:

@@ -55,9 +55,9 @@ class RetentionConfig:
     that task reads its copy from then on: old tasks cannot be changed by later training (their
     expert and gate are frozen too), while each new task starts from, and keeps training, the
     live shared expert. "live": every task reads the one live shared expert (the paper's design;
-    it forgot on the held-out pair, see README). `distill`: weight of a KL term pulling the model's answer distribution on the memory inputs
-    toward the model's own answers before this stage (the teacher's answer is its prediction:
-    no gold labels are kept). `shared_l2`: weight of an L2 pull of the shared expert toward its
+    it moved old tasks on the held-out pair, see README). `distill`: weight of a KL term pulling
+    the model's answer distribution on the memory inputs toward the model's own answers before
+    this stage (the teacher's answer is its prediction: no gold labels are kept). `shared_l2`: weight of an L2 pull of the shared expert toward its
     value at the start of the stage (a bounded update). Both off by default (with "live", neither
     improved the old task in `benchmarks/retention.py`; with "snapshot" they have nothing to do)."""
     shared: str = "snapshot"

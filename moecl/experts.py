@@ -27,11 +27,11 @@ from torch import nn
 SHARED = "shared"
 LIVE = "live"  # the stream of the live shared expert, whatever the rows' tasks (what the discriminator reads)
 SNAPSHOT = "shared@"  # '@' cannot occur in a task name
+ROUTING_MODES = ("gated", "shared", "task", "sum")
 
 
 def snapshot_name(task: str) -> str:
     return f"{SNAPSHOT}{task}"
-ROUTING_MODES = ("gated", "shared", "task", "sum")
 
 
 class LoRA(nn.Module):

@@ -10,7 +10,7 @@ it). Only the text is truncated, so the instruction and every answer always fit 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from .data import Example
 
@@ -19,15 +19,16 @@ def default_instruction(task: str, labels: list[str]) -> str:
     return f"Task: {task}. Classify the text above. Answer with one of: {', '.join(labels)}."
 
 
-def special_prefix(tokenizer) -> list[int]:
+@lru_cache(maxsize=8)
+def special_prefix(tokenizer) -> tuple[int, ...]:
     """The tokens the tokenizer puts before any text (BOS for Llama-2 style tokenizers, none for SmolLM2)."""
     ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    return [i for i in ids if i != tokenizer.eos_token_id]
+    return tuple(i for i in ids if i != tokenizer.eos_token_id)
 
 
 def encode_text(tokenizer, text: str, budget: int) -> list[int]:
     """A text's tokens, truncated to `budget`, after the special prefix: the same ids for every task."""
-    return special_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
+    return [*special_prefix(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"][:budget]]
 
 
 @dataclass

@@ -161,8 +161,8 @@ class Trainer:
                 seq, text_length = encoded.ids, encoded.text_length
                 labels.append(encoded.labels if with_answer else [IGNORE] * len(seq))
             else:
-                seq = prompt.prompt(example.text)
-                text_length = len(prompt.text_ids(example.text))
+                text_ids = prompt.text_ids(example.text)
+                seq, text_length = text_ids + prompt.suffix, len(text_ids)
             ids.append(seq)
             text_lengths.append(text_length)
             class_labels.append(example.label if with_answer else IGNORE)
@@ -175,14 +175,15 @@ class Trainer:
         lm_labels = torch.tensor([s + [IGNORE] * (width - len(s)) for s in labels], device=device) if labels else None
         return input_ids, mask, lm_labels, torch.tensor(class_labels, device=device), text_mask
 
-    def _distill_mask(self, memory_rows: list[MemoryRow], width: int, supervised: int) -> torch.Tensor:
-        """(batch, width) True on the positions whose next token is a memory row's (teacher) answer."""
-        mask = torch.zeros((supervised + len(memory_rows), width), dtype=torch.bool, device=self.model.device)
+    def _distill_mask(self, memory_rows: list[MemoryRow], mask: torch.Tensor, supervised: int) -> torch.Tensor:
+        """(batch, width) True on the positions whose next token is a memory row's (teacher) answer:
+        the answer closes each right-padded sequence."""
+        positions = torch.zeros_like(mask, dtype=torch.bool)
+        lengths = mask.sum(1).tolist()
         for i, row in enumerate(memory_rows, start=supervised):
-            encoded = self.prompts[row.example.task].training_pair(row.example)
-            answer = [j for j, label in enumerate(encoded.labels) if label != IGNORE]
-            mask[i, [j - 1 for j in answer]] = True
-        return mask
+            answer = len(self.prompts[row.example.task].answers[row.example.label])
+            positions[i, lengths[i] - answer - 1: lengths[i] - 1] = True
+        return positions
 
     def _step_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
                    anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -207,7 +208,7 @@ class Trainer:
             stats["loss"] = loss.item()
             teachers = [r.teacher for r in memory_rows if r.teacher is not None]
             if teachers:
-                positions = self._distill_mask(memory_rows, input_ids.shape[1], supervised)[:, :-1]
+                positions = self._distill_mask(memory_rows, mask, supervised)[:, :-1]
                 student = F.log_softmax(output(hidden[positions]).float(), dim=-1)
                 teacher = torch.cat(teachers)
                 distill = (teacher.exp() * (teacher - student)).sum(-1).mean()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _train(args) -> int:
     except (*USER_ERRORS, ResumeError, ValueError) as err:
         print(f"moecl: error: {err}", file=sys.stderr)
         return 2
+    if not trainer.world.main:
+        return 0
     bwt = "n/a" if metrics["bwt"] is None else f"{100 * metrics['bwt']:.1f}"
     print(f"AA {100 * metrics['aa']:.1f}  BWT {bwt}  -> {args.out}/metrics.json")
     return 0
@@ -122,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the other processes log warnings only
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     return args.run(args)
 
 

@@ -79,7 +79,10 @@ class OLoraConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    batch_size: int = 8
+    batch_size: int = 8  # rows per optimizer step over all processes (torchrun) together
+    # Rows per forward pass in each process; a process's share of a batch beyond it is accumulated
+    # over several passes (None: the whole share in one pass). Changes memory, not the result.
+    micro_batch_size: int | None = None
     lr: float = 2e-4
     max_length: int = 128
     max_per_label: int | None = None
@@ -212,6 +215,7 @@ def _check(cfg: Config, source: str) -> None:
         (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length must be >= 16"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),

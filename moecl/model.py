@@ -32,6 +32,13 @@ def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep])
 
 
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 / (rows of its class x classes present): every class weighs the same, and the
+    weights sum to 1."""
+    present, index, counts = labels.unique(return_inverse=True, return_counts=True)
+    return 1.0 / (counts[index] * len(present)).float()
+
+
 def _is_gated_ffn(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Linear) for p in FFN_PROJECTIONS) and hasattr(module, "act_fn")
 
@@ -128,13 +135,14 @@ class ContinualModel(nn.Module):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def prepare_training(self, tasks: list[str]) -> list[nn.Parameter]:
+    def prepare_training(self, tasks: list[str], discriminators: bool = True) -> list[nn.Parameter]:
         """Freeze every adapter tensor, then unfreeze what training `tasks` may change: the shared
-        expert, these tasks' experts and gates, the discriminators and these tasks' heads. An old
-        task's expert and gate stay as they were when its stage ended."""
+        expert, these tasks' experts and gates, the discriminators (when this stage runs them) and
+        these tasks' heads. An old task's expert and gate stay as they were when its stage ended.
+        Nothing that gets no gradient is left trainable (data-parallel training relies on it)."""
         for module in self.wrapped:
             for name, param in module.named_parameters():
-                param.requires_grad_(not name.startswith("base."))
+                param.requires_grad_(not name.startswith("base.") and (discriminators or not name.startswith("discriminator.")))
                 if name.startswith(("experts.", "gates.")):
                     owner = name.split(".")[1]
                     param.requires_grad_(owner == SHARED or owner in tasks)
@@ -173,8 +181,9 @@ class ContinualModel(nn.Module):
         return self.heads[task](self.last_token_states(input_ids, attention_mask))
 
     def classifier_loss(self, input_ids, attention_mask, tasks_per_example: list[str],
-                        class_labels: torch.Tensor) -> torch.Tensor:
-        """Head loss over rows with a label (>= 0); each row goes through its own task's head."""
+                        class_labels: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """Head loss summed over rows with a label (>= 0), each through its own task's head, divided
+        by `total` (default: those rows; a share of a larger batch passes the whole batch's count)."""
         states = self.last_token_states(input_ids, attention_mask)
         losses = []
         for task in dict.fromkeys(tasks_per_example):
@@ -182,7 +191,7 @@ class ContinualModel(nn.Module):
             if rows:
                 logits = self.heads[task](states[rows])
                 losses.append(F.cross_entropy(logits, class_labels[rows], reduction="sum"))
-        return sum(losses) / (class_labels >= 0).sum()
+        return sum(losses) / (total or (class_labels >= 0).sum())
 
     def orthogonality_loss(self, task: str) -> torch.Tensor:
         """O-LoRA: sum of |A_task A_old^T| over every earlier task expert, so the new task's
@@ -194,17 +203,18 @@ class ContinualModel(nn.Module):
                     total = total + (lora.A @ module.experts[old][proj].A.T).abs().sum()
         return total
 
-    def discriminator_loss(self) -> tuple[torch.Tensor, float]:
+    def discriminator_loss(self, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Class-balanced cross-entropy of the per-layer discriminators, and their balanced accuracy.
 
         A batch holds many current-task rows and a few memory rows; unweighted, always answering
         "the current task" would already score 80%. Each task present weighs the same instead, so
-        a discriminator that ignores its input scores 1 / (tasks in the batch)."""
+        a discriminator that ignores its input scores 1 / (tasks in the batch). `row_weight`: each
+        row's weight when these rows are a share of a larger batch (see `balanced_weights`)."""
         state = self.routing
         logits = torch.stack(state.disc_logits)  # (layers, batch, tasks)
         labels = state.disc_labels
-        present, index, counts = labels.unique(return_inverse=True, return_counts=True)
-        row_weight = 1.0 / (counts[index] * len(present)).float()  # sums to 1 over the batch
+        if row_weight is None:
+            row_weight = balanced_weights(labels)
         per_row = F.cross_entropy(logits.flatten(0, 1), labels.repeat(logits.shape[0]), reduction="none")
         loss = (per_row.view(logits.shape[:2]) * row_weight).sum(-1).mean()
         correct = (logits.argmax(-1) == labels).float()

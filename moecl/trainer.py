@@ -5,6 +5,7 @@ run resumed from the checkpoint after stage k takes exactly the steps an uninter
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -14,20 +15,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .backbone import load_backbone
 from .checkpoint import checkpoint_dir, load_adapters, read_manifest, save_checkpoint
 from .config import Config
 from .data import Example, TaskData, load_task, per_label
+from .distributed import World, join, process_device
 from .metrics import plot_heatmap, summarise
-from .model import IGNORE, ContinualModel
+from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
-from .scoring import accuracy, predict
+from .scoring import predict
 from .task_router import text_features
 
 log = logging.getLogger("moecl")
 LOG_EVERY = 10
+STATS = ("loss", "distill", "disc_loss", "disc_acc", "shared_drift", "ortho")
 
 
 class ResumeError(RuntimeError):
@@ -41,6 +46,28 @@ class MemoryRow:
     distillation target); in replay it is the gold example, rehearsed as is."""
     example: Example
     teacher: torch.Tensor | None = None  # (answer tokens, vocabulary)
+
+
+@dataclass
+class BatchScale:
+    """Sizes of one whole global batch. Every process sums the losses of its share of the batch and
+    divides by these, so gradients summed over processes and micro-batches equal one pass over the
+    whole batch, however it is split."""
+    answers: int  # answer tokens (lm head) or labelled rows (classifier head) carrying the task loss
+    distilled: int  # answer positions of the memory rows that carry a teacher
+    disc_weight: dict[str, float]  # a row's discriminator weight by its task, balanced over the batch
+
+
+class BatchLoss(nn.Module):
+    """What DDP wraps: the model, and the trainer's loss of one micro-batch as its forward."""
+
+    def __init__(self, model: ContinualModel, loss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, *args):
+        return self.loss(*args)
 
 
 @dataclass
@@ -76,8 +103,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.tasks = load_tasks(cfg)  # all data is checked before the backbone is even loaded
         self.task_data = {t.name: t for t in self.tasks}
+        self.world: World = join(cfg.train.device)
         if model is None:
-            backbone, tokenizer = load_backbone(cfg.backbone, cfg.train.device, cfg.train.precision)
+            device = process_device(cfg.train.device, self.world)
+            backbone, tokenizer = load_backbone(cfg.backbone, device, cfg.train.precision)
             model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head, cfg.train.precision)
         self.model = model
         if cfg.train.gradient_checkpointing:
@@ -89,8 +118,13 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
-        return accuracy(self.model, self.prompts[task.name], self.test_sets[task.name], self.cfg.eval.batch_size,
-                        progress=True)
+        """Accuracy on the task's test set; each process scores its share and the hits are summed."""
+        examples = self.test_sets[task.name]
+        mine = self.world.shard(examples)
+        predicted = predict(self.model, self.prompts[task.name], [e.text for e in mine], self.cfg.eval.batch_size,
+                            progress=self.world.main)
+        [correct] = self.world.sum([sum(p == e.label for p, e in zip(predicted, mine))])
+        return correct / len(examples)
 
     def _baseline(self) -> list[float]:
         """Accuracy of the bare backbone on every task (adapters bypassed), for forward transfer."""
@@ -185,13 +219,30 @@ class Trainer:
             positions[i, lengths[i] - answer - 1: lengths[i] - 1] = True
         return positions
 
+    def _batch_scale(self, rows: list[Example], memory_rows: list[MemoryRow]) -> BatchScale:
+        prompts = self.prompts
+        supervised = rows + ([r.example for r in memory_rows] if self.cfg.method == "replay" else [])
+        answers = (sum(len(prompts[e.task].answers[e.label]) for e in supervised) if self.model.head == "lm"
+                   else len(supervised))
+        distilled = sum(len(prompts[r.example.task].answers[r.example.label]) for r in memory_rows if r.teacher is not None)
+        tasks = [e.task for e in rows] + [r.example.task for r in memory_rows]
+        weights = balanced_weights(torch.tensor([self.model.tasks.index(t) for t in tasks]))
+        return BatchScale(answers, distilled, dict(zip(tasks, weights.tolist())))
+
     def _step_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
-                   anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+                   anchor: dict[str, torch.Tensor], scale: BatchScale | None = None,
+                   whole_model_terms: bool = True) -> tuple[torch.Tensor, dict]:
+        """The loss of these rows as a share of a batch `scale` describes (None: they are the whole batch)."""
         with self.model.autocast():
-            return self._forward_loss(rows, memory_rows, stage_task, anchor)
+            return self._forward_loss(rows, memory_rows, stage_task, anchor,
+                                      scale or self._batch_scale(rows, memory_rows), whole_model_terms)
 
     def _forward_loss(self, rows: list[Example], memory_rows: list[MemoryRow], stage_task: str,
-                      anchor: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+                      anchor: dict[str, torch.Tensor], scale: BatchScale,
+                      whole_model_terms: bool) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the batch loss (see BatchScale). Terms of the whole model
+        rather than of rows (the shared expert's drift, O-LoRA's orthogonality) are added once per
+        batch, by the pass given `whole_model_terms`."""
         model, cfg = self.model, self.cfg
         supervised = len(rows)
         rows = rows + [r.example for r in memory_rows]
@@ -204,34 +255,76 @@ class Trainer:
             output = model.backbone.get_output_embeddings()
             targets = lm_labels[:, 1:]
             keep = targets != IGNORE
-            loss = F.cross_entropy(output(hidden[keep]), targets[keep])
+            loss = F.cross_entropy(output(hidden[keep]), targets[keep], reduction="sum") / scale.answers
             stats["loss"] = loss.item()
             teachers = [r.teacher for r in memory_rows if r.teacher is not None]
             if teachers:
                 positions = self._distill_mask(memory_rows, mask, supervised)[:, :-1]
                 student = F.log_softmax(output(hidden[positions]).float(), dim=-1)
                 teacher = torch.cat(teachers)
-                distill = (teacher.exp() * (teacher - student)).sum(-1).mean()
+                distill = (teacher.exp() * (teacher - student)).sum() / scale.distilled
                 loss = loss + cfg.retention.distill * distill
                 stats["distill"] = distill.item()
         else:
-            loss = model.classifier_loss(input_ids, mask, tasks, class_labels)
+            loss = model.classifier_loss(input_ids, mask, tasks, class_labels, total=scale.answers)
             stats["loss"] = loss.item()
         if model.routing.disc_labels is not None:
             # Gradient reversal inside the model turns +disc_loss into -weight * disc_loss for the
             # shared expert, while the discriminator itself still descends on disc_loss.
-            disc_loss, disc_acc = model.discriminator_loss()
+            row_weight = torch.tensor([scale.disc_weight[t] for t in tasks], device=model.device)
+            disc_loss, disc_acc = model.discriminator_loss(row_weight)
             loss = loss + disc_loss
             stats.update(disc_loss=disc_loss.item(), disc_acc=disc_acc)
-        if anchor:
+        if anchor and whole_model_terms:
             drift = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
             loss = loss + cfg.retention.shared_l2 * drift
             stats["shared_drift"] = drift.item()
-        if cfg.method == "olora" and model.tasks.index(stage_task) > 0:
+        if cfg.method == "olora" and model.tasks.index(stage_task) > 0 and whole_model_terms:
             ortho = model.orthogonality_loss(stage_task)
             loss = loss + cfg.olora.weight * ortho
             stats["ortho"] = ortho.item()
         return loss, stats
+
+    def _data_parallel(self, stage: list[TaskData]) -> nn.Module:
+        """The stage's loss module, wrapped in DDP when torchrun started several processes. Built
+        per stage, after the stage's experts exist and the trainable set is fixed; the trainable
+        tensors are broadcast from rank 0, the frozen backbone (the same file everywhere) is not."""
+        step_loss = BatchLoss(self.model, self._step_loss)
+        if not self.world.distributed:
+            return step_loss
+        frozen = [name for name, param in step_loss.named_parameters() if not param.requires_grad]
+        buffers = [name for name, _ in step_loss.named_buffers()]  # e.g. rotary frequencies: computed alike everywhere
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step_loss, frozen + buffers)
+        # A multi-task batch need not hold every task's head; every other trainable tensor is used by every pass.
+        return DistributedDataParallel(step_loss, find_unused_parameters=self.model.head == "classifier" and len(stage) > 1)
+
+    def _accumulate(self, step_loss: nn.Module, scaler, rows: list[Example], memory_rows: list[MemoryRow],
+                    stage_task: str, anchor: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Forward and backward this process's share of one global batch, `micro_batch_size` rows
+        per pass; DDP sums the gradients over processes on the last backward. Returns the batch's
+        step statistics, summed over every process."""
+        world = self.world
+        scale = self._batch_scale(rows, memory_rows)
+        mine = world.shard(rows)
+        active = min(world.size, len(rows))
+        memory = memory_rows[world.rank::active] if mine else []
+        weight = float(world.size)  # DDP averages over processes; each loss is already a share of the batch
+        if not mine:  # fewer rows than processes: take part in the gradient sum, adding nothing
+            mine, weight = rows[:1], 0.0
+        micro = self.cfg.train.micro_batch_size or len(mine)
+        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        totals = [0.0] * (2 * len(STATS))  # sums, then how many passes reported each statistic
+        for k, chunk in enumerate(chunks):
+            last = k == len(chunks) - 1
+            with contextlib.nullcontext() if last or not world.distributed else step_loss.no_sync():
+                loss, stats = step_loss(chunk, memory[k::len(chunks)], stage_task, anchor, scale, world.main and k == 0)
+                scaler.scale(loss * weight).backward()
+            for i, key in enumerate(STATS):
+                if key in stats and weight:
+                    totals[i] += stats[key]
+                    totals[len(STATS) + i] += 1
+        totals = world.sum(totals)
+        return {key: totals[i] for i, key in enumerate(STATS) if totals[len(STATS) + i]}
 
     def train_stage(self, stage: list[TaskData], past: list[TaskData], index: int) -> None:
         cfg, model = self.cfg, self.model
@@ -240,9 +333,10 @@ class Trainer:
         for task in stage:  # a task trained again (its data changed) learns with the live shared expert
             model.release_snapshot(task.name)
         memory = self._memory(past)
-        params = model.prepare_training([t.name for t in stage])
+        params = model.prepare_training([t.name for t in stage], discriminators=self._adversarial_weight > 0 and bool(past))
         anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if ".experts.shared." in n}
                   if self._moecl and past and cfg.retention.shared_l2 > 0 else {})
+        step_loss = self._data_parallel(stage)
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.train.precision == "fp16")
@@ -250,7 +344,7 @@ class Trainer:
         size = cfg.train.batch_size
         steps = cfg.train.epochs * ((len(examples) + size - 1) // size)
         model.train()
-        bar = tqdm(total=steps, desc=f"train {name}", leave=False)
+        bar = tqdm(total=steps, desc=f"train {name}", leave=False, disable=not self.world.main)
         step = 0
         totals: dict[str, float] = {}
         for _ in range(cfg.train.epochs):
@@ -258,9 +352,8 @@ class Trainer:
             for start in range(0, len(examples), size):
                 rows = examples[start:start + size]
                 memory_rows = rng.sample(memory, min(cfg.memory.per_batch, len(memory))) if memory else []
-                loss, stats = self._step_loss(rows, memory_rows, stage[-1].name, anchor)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                stats = self._accumulate(step_loss, scaler, rows, memory_rows, stage[-1].name, anchor)
                 if cfg.train.max_grad_norm:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -286,13 +379,16 @@ class Trainer:
                                                                cfg.train.max_length, cfg.eval.batch_size))
 
     def routing_accuracy(self) -> dict[str, float]:
-        """Per task: the share of its test texts the task-free router sends back to it."""
+        """Per task: the share of its test texts the task-free router sends back to it (each process
+        routes its share)."""
         result = {}
         for name in self.model.tasks:
             texts = [e.text for e in self.test_sets[name]]
+            mine = self.world.shard(texts)
             routed = self.model.task_router.predict(
-                text_features(self.model, texts, self.cfg.train.max_length, self.cfg.eval.batch_size))
-            result[name] = sum(r == name for r in routed) / len(texts)
+                text_features(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size)) if mine else []
+            [hits] = self.world.sum([sum(r == name for r in routed)])
+            result[name] = hits / len(texts)
         return result
 
     # -- the run ------------------------------------------------------------------------------
@@ -371,7 +467,9 @@ class Trainer:
                 self.progress.routing_accuracy = self.routing_accuracy()
             log.info("after %s: %s", "+".join(names),
                      " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row) if a is not None))
-            save_checkpoint(model, self.run_dir, self._manifest())
+            if self.world.main:
+                save_checkpoint(model, self.run_dir, self._manifest())
+            self.world.barrier()  # no process reads ahead of a checkpoint that is still being written
         return self._finish(time.time() - started)
 
     def _finish(self, seconds: float) -> dict:
@@ -382,8 +480,9 @@ class Trainer:
         metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
                        routing_accuracy=progress.routing_accuracy, training=progress.training,
                        train_seconds=round(seconds, 1))
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        stages = [s["stage"] for s in progress.training] if len(progress.training) == len(progress.matrix) else None
-        plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png", f"{self.cfg.method}: accuracy after each task",
-                     stages)
+        if self.world.main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            stages = [s["stage"] for s in progress.training] if len(progress.training) == len(progress.matrix) else None
+            plot_heatmap(names, progress.matrix, self.run_dir / "heatmap.png",
+                         f"{self.cfg.method}: accuracy after each task", stages)
         return metrics

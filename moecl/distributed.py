@@ -1,0 +1,72 @@
+"""Data parallelism over the processes torchrun starts: one per GPU, or several on CPU with gloo.
+
+    torchrun --standalone --nproc-per-node N -m moecl train CONFIG --out DIR
+
+Every process builds the same model from the same seeds and walks the same global batches. Each
+computes the loss of its share of a batch, divided by the whole batch's sizes, and DDP sums the
+gradients, so N processes take the steps one process takes. Evaluation is sharded the same way and
+the correct answers are summed. Only rank 0 writes files. Without torchrun's environment this is a
+world of one process and nothing here talks to anyone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .backbone import resolve_device
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, items: list) -> list:
+        """This process's share of a list: every size-th item, from its rank."""
+        return items[self.rank::self.size]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over every process."""
+        if not self.distributed:
+            return list(values)
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def join(device: str) -> World:
+    """The process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), joined
+    once per process: NCCL on GPUs (each process on the GPU of its local rank), gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        cuda = resolve_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world
+
+
+def process_device(device: str, world: World) -> str:
+    """The device setting for this process: its own GPU when several processes share a node's GPUs."""
+    resolved = resolve_device(device)
+    return f"cuda:{world.local_rank}" if resolved.type == "cuda" and world.distributed else str(resolved)

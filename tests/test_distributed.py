@@ -1,0 +1,74 @@
+"""Data-parallel training: processes and micro-batches change how a batch is computed, never the result."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moecl.config import load_config
+from moecl.trainer import Trainer
+
+from .conftest import write_config
+
+# 18 topic rows in batches of 17 end with a one-row batch: with 2 processes one of them has no row of it.
+ODD_BATCHES = {"train": {"batch_size": 17, "epochs": 2, "lr": 0.01, "max_length": 96, "seed": 3}}
+
+
+def _adapters(run: Path) -> dict[str, torch.Tensor]:
+    folder = run / "checkpoint" / "adapters"
+    return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _assert_same_adapters(a: Path, b: Path) -> None:
+    first, second = _adapters(a), _adapters(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _train(cfg: Path, out: Path, processes: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    done = subprocess.run([*launcher, "-m", "moecl", "train", str(cfg), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, task_dirs):
+    tasks = {k: task_dirs[k] for k in ("topics", "sentiment")}
+    single = write_config(tmp_path / "one.yaml", tasks, **ODD_BATCHES, memory={"per_task": 6, "per_batch": 3})
+    # The same run in 2 processes, each passing its share of a batch in micro-batches of 3 rows.
+    double = write_config(tmp_path / "two.yaml", tasks, **ODD_BATCHES, memory={"per_task": 6, "per_batch": 3})
+    raw = double.read_text().replace("batch_size: 17", "batch_size: 17\n  micro_batch_size: 3")
+    double.write_text(raw)
+    one = _train(single, tmp_path / "one", 1)
+    two = _train(double, tmp_path / "two", 2)
+
+    assert (tmp_path / "two" / "checkpoint" / "manifest.json").is_file()
+    assert not list((tmp_path / "two").glob("checkpoint.*")), "a staging or retired checkpoint was left behind"
+    tests = {"topics": 9, "sentiment": 6}
+    for row_one, row_two in zip(one["accuracy_matrix"], two["accuracy_matrix"]):
+        for task, a, b in zip(tests, row_one, row_two):
+            assert abs(a - b) <= 1 / tests[task] + 1e-9, (task, a, b)
+    _assert_same_adapters(tmp_path / "one", tmp_path / "two")
+    # The discriminator statistics were summed over both processes, not taken from one of them.
+    assert abs(one["training"][1]["disc_acc"] - two["training"][1]["disc_acc"]) < 1e-3
+
+
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, task_dirs):
+    tasks = {k: task_dirs[k] for k in ("topics", "sentiment")}
+    memory = {"per_task": 6, "per_batch": 3}
+    whole = write_config(tmp_path / "whole.yaml", tasks, memory=memory, retention={"distill": 0.5})
+    micro = write_config(tmp_path / "micro.yaml", tasks, memory=memory, retention={"distill": 0.5},
+                         train={"micro_batch_size": 1})
+    Trainer(load_config(whole), tmp_path / "whole").run()
+    Trainer(load_config(micro), tmp_path / "micro").run()
+    _assert_same_adapters(tmp_path / "whole", tmp_path / "micro")

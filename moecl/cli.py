@@ -14,12 +14,13 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def _train(args) -> int:
+    from .checkpoint import read_manifest
     from .trainer import ResumeError, Trainer
 
     try:
         cfg = load_config(args.config)
         trainer = Trainer(cfg, args.out)
-        metrics = trainer.run(resume=args.resume)
+        metrics = trainer.extend(read_manifest(args.start)) if args.start else trainer.run(resume=args.resume)
     except (*USER_ERRORS, ResumeError, ValueError) as err:
         print(f"moecl: error: {err}", file=sys.stderr)
         return 2
@@ -96,7 +97,10 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train every task of CONFIG in order; writes DIR/metrics.json")
     train.add_argument("config")
     train.add_argument("--out", required=True, help="run folder (checkpoint, metrics.json, heatmap.png)")
-    train.add_argument("--resume", action="store_true", help="continue from the last complete task in --out")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the last complete task in --out")
+    start.add_argument("--from", dest="start", metavar="CHECKPOINT",
+                       help="continue this trained model with the config's tasks it lacks or whose data changed")
     train.set_defaults(run=_train)
     pred = commands.add_parser("predict", help="print one predicted label per TEXT (TASK<tab>LABEL without --task)")
     pred.add_argument("--model", required=True, help="a run folder or its checkpoint folder")

@@ -10,11 +10,16 @@ world of one process and nothing here talks to anyone.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from .backbone import resolve_device
 
@@ -70,3 +75,19 @@ def process_device(device: str, world: World) -> str:
     """The device setting for this process: its own GPU when several processes share a node's GPUs."""
     resolved = resolve_device(device)
     return f"cuda:{world.local_rank}" if resolved.type == "cuda" and world.distributed else str(resolved)
+
+
+def torchrun(config: dict, run_dir: Path, processes: int, start: Path | None = None) -> dict:
+    """Train `config` (a Config as a dict) in `processes` processes on this node with torchrun, as
+    `moecl train` would; continue the checkpoint `start` when given. Returns the run's metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "moecl", "train", str(config_file), "--out", str(run_dir)]
+    if start is not None:
+        command += ["--from", str(start)]
+    done = subprocess.run(command)  # the processes' output goes to this step's log as it comes
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun with {processes} processes failed (exit {done.returncode}): {' '.join(command)}")
+    return json.loads((run_dir / "metrics.json").read_text())

@@ -19,11 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+import torch
 
 from . import registry
 from .checkpoint import load_model, read_manifest
 from .config import Config, config_from_dict
 from .data import load_task, per_label
+from .distributed import torchrun
 from .gate import GateThresholds, decide
 from .metrics import plot_heatmap, summarise
 from .scoring import accuracy
@@ -132,14 +134,16 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
     with tempfile.TemporaryDirectory() as scratch:
         best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
         order, new, changed = plan_tasks(versions, best)
-        trainer = Trainer(run_config(settings, dataset, order), Path(scratch) / "run")
-        plan = [[trainer.task_data[t]] for t in changed + new]
-        if best:
-            metrics = trainer.extend(read_manifest(best.checkpoint), plan)
+        cfg, run_dir = run_config(settings, dataset, order), Path(scratch) / "run"
+        start = best.checkpoint if best else None
+        gpus = torch.cuda.device_count()
+        if gpus > 1:  # every GPU the step was given, one process each
+            metrics = torchrun(cfg.to_dict(), run_dir, gpus, start)
         else:
-            metrics = trainer.run()
+            trainer = Trainer(cfg, run_dir)
+            metrics = trainer.extend(read_manifest(start)) if start else trainer.run()
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(trainer.run_dir / "checkpoint", model_dir)
+        shutil.copytree(run_dir / "checkpoint", model_dir)
     summary = {"new_tasks": new, "changed_tasks": changed, "parent_champion": best.version if best else None,
                "train_seconds": metrics["train_seconds"]}
     with mlflow.start_run(run_id=run_id):

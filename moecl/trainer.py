@@ -437,11 +437,19 @@ class Trainer:
         first = self._restore(plan) if resume and has_checkpoint else 0
         return self._run_plan(plan[first:])
 
-    def extend(self, manifest: dict, plan: list[list[TaskData]]) -> dict:
+    def extend(self, manifest: dict, plan: list[list[TaskData]] | None = None) -> dict:
         """Continue a trained model (e.g. the registry's champion) with more stages: new tasks get
-        their own expert; a task it already knows continues training its existing expert."""
+        their own expert; a task it already knows continues training its existing expert. Without
+        a plan: every task of the config that the model lacks or whose data changed since, in
+        config order."""
+        missing = [t for t in manifest["tasks"] if t not in self.task_data]
+        if missing:
+            raise ResumeError(f"{manifest['path']}: the model knows tasks {missing} that the config does not list")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._load(manifest)
+        if plan is None:
+            known = manifest["data_hashes"]
+            plan = [[t] for t in self.tasks if known.get(t.name) != t.version]
         return self._run_plan(plan)
 
     def _run_plan(self, plan: list[list[TaskData]]) -> dict:

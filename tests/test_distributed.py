@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from moecl.checkpoint import read_manifest
 from moecl.config import load_config
-from moecl.trainer import Trainer
+from moecl.distributed import torchrun
+from moecl.trainer import ResumeError, Trainer
 
 from .conftest import write_config
 
@@ -72,3 +75,26 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path, task_dirs):
     Trainer(load_config(whole), tmp_path / "whole").run()
     Trainer(load_config(micro), tmp_path / "micro").run()
     _assert_same_adapters(tmp_path / "whole", tmp_path / "micro")
+
+
+def test_continuing_a_model_in_two_processes_matches_one(tmp_path, task_dirs, monkeypatch):
+    """What the pipeline's train step does on a node with several GPUs: torchrun `moecl train --from`."""
+    first = write_config(tmp_path / "first.yaml", {"topics": task_dirs["topics"]}, **ODD_BATCHES)
+    Trainer(load_config(first), tmp_path / "champion").run()
+    both = load_config(write_config(tmp_path / "both.yaml", {k: task_dirs[k] for k in ("topics", "sentiment")},
+                                    **ODD_BATCHES))
+    start = tmp_path / "champion" / "checkpoint"
+    one = Trainer(both, tmp_path / "one").extend(read_manifest(start))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    two = torchrun(both.to_dict(), tmp_path / "two", 2, start)
+    assert [s["stage"] for s in two["training"]] == ["topics", "sentiment"]  # only sentiment was trained here
+    assert one["accuracy_matrix"][-1] == pytest.approx(two["accuracy_matrix"][-1], abs=1 / 6 + 1e-9)
+    _assert_same_adapters(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_model_continued_with_a_config_missing_its_tasks_is_refused(tmp_path, task_dirs):
+    first = write_config(tmp_path / "first.yaml", {"topics": task_dirs["topics"]})
+    Trainer(load_config(first), tmp_path / "champion").run()
+    other = write_config(tmp_path / "other.yaml", {"sentiment": task_dirs["sentiment"]})
+    with pytest.raises(ResumeError, match="topics"):
+        Trainer(load_config(other), tmp_path / "next").extend(read_manifest(tmp_path / "champion"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from . import registry
+from . import registry, trainjob
 from .checkpoint import load_model, read_manifest
 from .config import Config, config_from_dict
 from .data import load_task, per_label
@@ -29,6 +29,7 @@ from .distributed import torchrun
 from .gate import GateThresholds, decide
 from .metrics import plot_heatmap, summarise
 from .scoring import accuracy
+from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .validation import ValidationRules, validate_task
 from .versioning import DataVersion, materialize, task_versions
 
@@ -124,32 +125,96 @@ def plan_tasks(versions: dict[str, str], best: registry.Champion | None) -> tupl
     return known + new, new, changed
 
 
-@_timed
-def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str, task_versions_json: str,
-          model_dir: str) -> dict:
-    """Continue the champion (or start fresh) with the version's new and changed tasks."""
+def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, settings: dict, dataset: Path,
+                     versions: dict[str, str], scratch: Path, processes: int = 1) -> tuple[Path, dict]:
+    """Continue the champion (or start fresh) with the version's new and changed tasks, in this
+    process (in every process of a job when torchrun started this one) or, with `processes` > 1,
+    in that many torchrun processes. Returns the candidate's checkpoint and the training summary."""
     from .trainer import Trainer
 
-    dataset, versions = Path(dataset_dir), json.loads(task_versions_json)
-    with tempfile.TemporaryDirectory() as scratch:
-        best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
-        order, new, changed = plan_tasks(versions, best)
-        cfg, run_dir = run_config(settings, dataset, order), Path(scratch) / "run"
-        start = best.checkpoint if best else None
-        gpus = torch.cuda.device_count()
-        if gpus > 1:  # every GPU the step was given, one process each
-            metrics = torchrun(cfg.to_dict(), run_dir, gpus, start)
-        else:
-            trainer = Trainer(cfg, run_dir)
-            metrics = trainer.extend(read_manifest(start)) if start else trainer.run()
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(run_dir / "checkpoint", model_dir)
+    best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
+    order, new, changed = plan_tasks(versions, best)
+    cfg, run_dir = run_config(settings, dataset, order), scratch / "run"
+    start = best.checkpoint if best else None
+    if processes > 1:
+        metrics = torchrun(cfg.to_dict(), run_dir, processes, start)
+    else:
+        trainer = Trainer(cfg, run_dir)
+        metrics = trainer.extend(read_manifest(start)) if start else trainer.run()
     summary = {"new_tasks": new, "changed_tasks": changed, "parent_champion": best.version if best else None,
                "train_seconds": metrics["train_seconds"]}
+    return run_dir / "checkpoint", summary
+
+
+def train_in_job(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict,
+                 data_remote: str, data_version: str, task_versions_json: str) -> None:
+    """One process of a multi-node TrainJob (see moecl.trainjob): every process fetches the data
+    version and the champion itself; rank 0 logs the candidate and its summary to the run."""
+    from .distributed import join
+
+    world = join(settings.get("train", {}).get("device", "auto"))
+    with tempfile.TemporaryDirectory() as scratch:
+        dataset = materialize(DataVersion(data_version, data_remote), Path(scratch) / "data")
+        checkpoint, summary = _train_candidate(tracking_uri, model_name, parent_version, settings, dataset,
+                                               json.loads(task_versions_json), Path(scratch))
+        if world.main:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.log_artifacts(str(checkpoint), CANDIDATE_ARTIFACTS)
+                mlflow.log_dict(summary, f"{CANDIDATE_ARTIFACTS}-summary.json")
+
+
+def _train_on_nodes(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict,
+                    data_remote: str, data_version: str, task_versions_json: str, job: TrainJobSettings,
+                    model_dir: str, client=None) -> dict:
+    """Submit the TrainJob, report its status to this step's log and the run's tags, and fetch the
+    candidate it logged. `client`: a kubeflow TrainerClient (default: the cluster's, in-cluster config)."""
+    if client is None:
+        from kubeflow.common.types import KubernetesBackendConfig
+        from kubeflow.trainer import TrainerClient
+
+        client = TrainerClient(KubernetesBackendConfig(namespace=job.namespace))
+    tracking = registry.connect(tracking_uri)
+    args = {"tracking_uri": tracking_uri, "model_name": model_name, "parent_version": parent_version, "run_id": run_id,
+            "settings": settings, "data_remote": data_remote, "data_version": data_version,
+            "task_versions_json": task_versions_json}
+    name = trainjob.submit(client, job, args)
+    tracking.set_tag(run_id, "trainjob.name", name)
+
+    def report(part: str, state: str) -> None:
+        log.info("TrainJob %s: %s %s", name, part, state)
+        tracking.set_tag(run_id, f"trainjob.status.{part}", state)
+
+    trainjob.wait(client, name, job, report)
+    with tempfile.TemporaryDirectory() as scratch:
+        fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CANDIDATE_ARTIFACTS,
+                                                      dst_path=scratch, tracking_uri=tracking_uri)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(fetched, model_dir)
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{CANDIDATE_ARTIFACTS}-summary.json")
+
+
+@_timed
+def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict, dataset_dir: str,
+          task_versions_json: str, model_dir: str, data_remote: str = "", data_version: str = "",
+          train_job: dict | None = None, client=None) -> dict:
+    """Continue the champion (or start fresh) with the version's new and changed tasks: on every
+    GPU of this pod (torchrun, one process per GPU), or over several nodes as a Kubeflow TrainJob
+    when `train_job` asks for more than one node."""
+    job = TrainJobSettings.from_dict(train_job)
+    if job.nodes > 1:
+        summary = _train_on_nodes(tracking_uri, model_name, parent_version, run_id, settings, data_remote,
+                                  data_version, task_versions_json, job, model_dir, client)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            checkpoint, summary = _train_candidate(tracking_uri, model_name, parent_version, settings, Path(dataset_dir),
+                                                   json.loads(task_versions_json), Path(scratch),
+                                                   processes=torch.cuda.device_count())
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.copytree(checkpoint, model_dir)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if k != "train_seconds"})
         mlflow.log_params({"method": settings.get("method", "moecl"), "backbone": settings.get("backbone")})
-        mlflow.log_metric("train_seconds", metrics["train_seconds"])
+        mlflow.log_metric("train_seconds", summary["train_seconds"])
     return summary
 
 

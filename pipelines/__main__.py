@@ -20,11 +20,10 @@ DEMO_VERSIONS = (("v1", ["dbpedia", "agnews"]), ("v2", ["yelp"]))
 def compile_pipeline(out: Path = COMPILED) -> Path:
     from kfp import compiler
 
-    from .launcher import CLUSTER
-    from .pipeline import build
+    from .launcher import cluster_pipeline
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(yaml.safe_load(CLUSTER.read_text())["gpu"]), str(out))
+    compiler.Compiler().compile(cluster_pipeline(), str(out))
     return out
 
 

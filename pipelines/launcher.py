@@ -82,14 +82,20 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
     return run_id
 
 
+def cluster_pipeline():
+    """The pipeline as the cluster runs it: GPU steps and multi-node training from infra/cluster.yaml;
+    a TrainJob runs the pipeline's own image."""
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    return build(cluster["gpu"], {"image": cluster["image"], **cluster["train_job"]})
+
+
 def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str,
            experiment: str = "moecl") -> str:
     """Submit the run to a Kubeflow Pipelines host; train and evaluate go to the GPU node pool."""
     import kfp
 
-    cluster = yaml.safe_load(CLUSTER.read_text())
     run_id = pipeline_steps.start_run(tracking_uri, version.hash)
     client = kfp.Client(host=host)
-    client.create_run_from_pipeline_func(build(cluster["gpu"]), arguments=arguments(settings, version, tracking_uri, run_id),
+    client.create_run_from_pipeline_func(cluster_pipeline(), arguments=arguments(settings, version, tracking_uri, run_id),
                                          run_name=f"moecl-data-{version.short}", experiment_name=experiment)
     return run_id

@@ -1,5 +1,7 @@
 """The DAG: validate -> train -> evaluate -> register -> promote. Wiring only; steps live in moecl."""
 
+import json
+
 from kfp import dsl, kubernetes
 
 from components.evaluate import evaluate
@@ -25,20 +27,25 @@ def _on_gpu_pool(task: dsl.PipelineTask, gpu: dict) -> None:
     kubernetes.set_timeout(task, gpu["timeout_seconds"])
 
 
-def build(gpu: "dict | None" = None):
-    """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool."""
+def build(gpu: "dict | None" = None, train_job: "dict | None" = None):
+    """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool. With a
+    `train_job` of several nodes, training runs as a Kubeflow TrainJob and the train step only
+    submits it and waits (so it needs no GPU itself)."""
+    multi_node = (train_job or {}).get("nodes", 1) > 1
+    train_job_default = json.dumps(train_job or {})
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Add each new task dataset version to the MoE-CL champion "
                   "without forgetting: validate, train, evaluate every task, register, gated promotion.")
     def continual_training(data_version: str, data_remote: str, tracking_uri: str, run_id: str,
                            parent_version: str = "", model_name: str = "moecl", settings_json: str = "{}",
-                           rules_json: str = "{}", thresholds_json: str = "{}"):
+                           rules_json: str = "{}", thresholds_json: str = "{}", train_job_json: str = train_job_default):
         common = {"tracking_uri": tracking_uri, "model_name": model_name, "run_id": run_id}
         validated = validate_data(**common, parent_version=parent_version, data_remote=data_remote,
                                   data_version=data_version, rules_json=rules_json)
         validated.set_display_name("validate")
         trained = train(**common, parent_version=parent_version, settings_json=settings_json,
-                        task_versions=validated.outputs["Output"], dataset=validated.outputs["dataset"])
+                        task_versions=validated.outputs["Output"], data_remote=data_remote, data_version=data_version,
+                        train_job_json=train_job_json, dataset=validated.outputs["dataset"])
         evaluated = evaluate(**common, parent_version=parent_version, settings_json=settings_json,
                              train_summary=trained.outputs["Output"], dataset=validated.outputs["dataset"],
                              model=trained.outputs["model"])
@@ -50,7 +57,8 @@ def build(gpu: "dict | None" = None):
         for step in (registered, promoted):  # registry side effects must happen on every run
             step.set_caching_options(False)
         if gpu:
-            _on_gpu_pool(trained, gpu)
+            if not multi_node:
+                _on_gpu_pool(trained, gpu)
             _on_gpu_pool(evaluated, gpu)
 
     return continual_training

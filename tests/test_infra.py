@@ -25,6 +25,7 @@ DOCKERFILE = INFRA / "Dockerfile"
 CLUSTER = INFRA / "cluster.yaml"
 SECRETS_TEMPLATE = K8S / "secrets.example.yaml"
 
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.IGNORECASE)
 VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -166,7 +167,7 @@ def render(kdir: Path) -> tuple[list[dict], set[Path]]:
     namespace = kust.get("namespace")
     if namespace:
         for obj in objects:
-            if obj["kind"] != "Namespace":
+            if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = namespace
     return objects, files
 
@@ -278,13 +279,16 @@ def test_kustomization_renders_the_expected_objects(kdir):
     keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
     assert len(keys) == len(set(keys)), f"duplicate objects: {keys}"
     for obj in objects:
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"]["namespace"] == "moecl", obj["metadata"]["name"]
+        else:
+            assert "namespace" not in obj["metadata"], obj["metadata"]["name"]
     namespace = named(objects, "Namespace", "moecl")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for kind, name in [
         ("Deployment", "mlflow"), ("Service", "mlflow"), ("StatefulSet", "mlflow-postgres"),
         ("CronJob", "moecl-trigger"), ("ServiceAccount", "moecl-trigger"),
+        ("Role", "moecl-trainjob-submitter"), ("ClusterRole", "moecl-training-runtime-reader"),
     ]:
         named(objects, kind, name)
 
@@ -493,7 +497,12 @@ def test_moecl_image_and_user_match_cluster_yaml_and_dockerfile(kdir):
 
 def test_cluster_yaml_shape_and_types():
     config = cluster()
-    assert set(config) == {"image", "gpu", "mlflow_tracking_uri"}
+    assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job"}
+    from moecl.trainjob import TrainJobSettings
+
+    job = TrainJobSettings.from_dict(config["train_job"])  # every key is a setting the train step reads
+    assert job.nodes >= 1 and job.resources_per_node.get("gpu", 0) >= 1
+    assert job.runtime and job.namespace == "moecl"
     assert_pinned(config["image"], "cluster.yaml")
     gpu = config["gpu"]
     assert set(gpu) == {
@@ -626,3 +635,29 @@ def test_hadolint_passes():
         [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+@KDIRS
+def test_the_pipeline_may_run_trainjobs_in_the_namespace(kdir):
+    """What the kubeflow SDK does for the train step (create, poll, read pods' logs and events, look
+    up the runtime) is allowed to KFP's service account, and nothing more."""
+    objects, _ = rendered(kdir)
+    job = cluster()["train_job"]
+
+    def granted(role) -> set[tuple[str, str, str]]:
+        return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+                for resource in rule["resources"] for verb in rule["verbs"]}
+
+    role = granted(named(objects, "Role", "moecl-trainjob-submitter"))
+    needed = {("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "list")}
+    needed |= {("", "pods", "list"), ("", "pods/log", "get"), ("", "events", "list")}
+    assert needed <= role
+    assert all(verb != "*" and resource != "*" for _, resource, verb in role)
+    runtimes = granted(named(objects, "ClusterRole", "moecl-training-runtime-reader"))
+    assert {v for _, r, v in runtimes if r == "clustertrainingruntimes"} == {"get", "list"}
+    for kind, role_kind, name in (("RoleBinding", "Role", "moecl-trainjob-submitter"),
+                                  ("ClusterRoleBinding", "ClusterRole", "moecl-training-runtime-reader")):
+        binding = named(objects, kind, name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert named(objects, "RoleBinding", "moecl-trainjob-submitter")["metadata"]["namespace"] == job["namespace"]

@@ -1,0 +1,188 @@
+"""Multi-node training as a Kubeflow Trainer TrainJob: the object the SDK would send to the cluster,
+the status reports, the compiled pipeline's train step, and the train step's whole round trip with
+the job's function run here (no cluster: only the Kubernetes API calls are replaced)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from kubeflow.trainer import TrainerClient
+from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
+from kubeflow.trainer.types import types
+from kubernetes.client import ApiException
+
+from moecl import pipeline_steps, registry, trainjob
+from moecl.checkpoint import read_manifest
+from moecl.versioning import init_project, snapshot, task_versions
+from pipelines.pipeline import build
+
+from .conftest import write_task
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = yaml.safe_load((ROOT / "infra" / "cluster.yaml").read_text())
+# The torch-distributed ClusterTrainingRuntime as Kubeflow Trainer v2 installs it (the fields the SDK reads).
+TORCH_RUNTIME = {
+    "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+    "metadata": {"name": "torch-distributed", "labels": {"trainer.kubeflow.org/framework": "torch"}},
+    "spec": {
+        "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
+        "template": {"spec": {"replicatedJobs": [{
+            "name": "node", "replicas": 1,
+            "template": {"metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                         "spec": {"template": {"spec": {"containers": [
+                             {"name": "node", "image": "pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime"}]}}}},
+        }]}},
+    },
+}
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self, timeout=None):
+        return self.value
+
+
+class ClusterApi:
+    """The Kubernetes custom-objects API of a cluster holding the torch-distributed runtime: records
+    what would be created."""
+
+    def __init__(self):
+        self.created: list[dict] = []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, async_req=False):
+        raise ApiException(status=404)  # no namespaced runtime: the SDK falls back to the cluster's
+
+    def get_cluster_custom_object(self, group, version, plural, name, async_req=False):
+        assert name == "torch-distributed"
+        return _Done(TORCH_RUNTIME)
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append({"namespace": namespace, "plural": plural, "body": body})
+
+
+def cluster_client(api) -> TrainerClient:
+    backend = KubernetesBackend.__new__(KubernetesBackend)  # skips connecting to a cluster
+    backend.namespace, backend.custom_api = "moecl", api
+    client = TrainerClient.__new__(TrainerClient)
+    client.backend = backend
+    return client
+
+
+def _settings(**overrides) -> trainjob.TrainJobSettings:
+    return trainjob.TrainJobSettings.from_dict({"image": CLUSTER["image"], **CLUSTER["train_job"], **overrides})
+
+
+def test_the_trainjob_runs_moecl_on_every_node_with_the_clusters_settings():
+    api = ClusterApi()
+    settings = _settings(nodes=2)
+    args = {"run_id": "abc123", "data_version": "f00d", "settings": {"method": "moecl"}}
+    name = trainjob.submit(cluster_client(api), settings, args)
+
+    [created] = api.created
+    job = created["body"]
+    assert created["plural"] == "trainjobs" and job["kind"] == "TrainJob" and job["metadata"]["name"] == name
+    spec = job["spec"]
+    assert spec["runtimeRef"]["name"] == "torch-distributed"
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["image"] == CLUSTER["image"]
+    limits = trainer["resourcesPerNode"]["limits"]
+    assert limits["nvidia.com/gpu"] == settings.resources_per_node["gpu"]
+    script = " ".join(trainer["command"])
+    assert "torchrun" in script and "def train_in_job(**step_args)" in script
+    assert "'run_id': 'abc123'" in script and "pip install" not in script  # the image already has moecl
+    assert {e["name"]: e["value"] for e in trainer["env"]} == settings.env
+    [patch] = spec["runtimePatches"]
+    container = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert container["name"] == "node" and secrets["HF_TOKEN"] == {"name": "moecl-hf-token", "key": "HF_TOKEN"}
+    assert all("value" not in e for e in container["env"])  # credentials are referenced, never inlined
+
+
+def test_status_changes_are_reported_once_each():
+    seen = []
+    report = trainjob.status_reporter(lambda part, state: seen.append((part, state)))
+    runtime = types.Runtime("torch-distributed", types.RuntimeTrainer(types.TrainerType.CUSTOM_TRAINER, "torch", "img"),
+                            types.RuntimeKind.CLUSTER_TRAINING_RUNTIME)
+
+    def job(status, *steps):
+        return types.TrainJob("j", runtime, [types.Step(n, s, f"pod-{n}") for n, s in steps], 2, datetime.now(), status)
+
+    for state in (job("Created", ("node-0", None)), job("Running", ("node-0", "Running"), ("node-1", "Running")),
+                  job("Running", ("node-0", "Running"), ("node-1", "Running")),
+                  job("Complete", ("node-0", "Succeeded"), ("node-1", "Succeeded"))):
+        report(state)
+    assert seen == [("trainjob", "Created"), ("node-0", "Pending"), ("trainjob", "Running"), ("node-0", "Running"),
+                    ("node-1", "Running"), ("trainjob", "Complete"), ("node-0", "Succeeded"), ("node-1", "Succeeded")]
+
+
+def test_multi_node_training_takes_the_train_step_off_the_gpu_pool(tmp_path):
+    from kfp import compiler
+
+    out = tmp_path / "pipeline.yaml"
+    compiler.Compiler().compile(build(CLUSTER["gpu"], {**CLUSTER["train_job"], "nodes": 4}), str(out))
+    spec, _ = yaml.safe_load_all(out.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    assert "accelerator" not in executors["exec-train"]["container"].get("resources", {})
+    assert "accelerator" in executors["exec-evaluate"]["container"]["resources"]
+    default = spec["root"]["inputDefinitions"]["parameters"]["train_job_json"]["defaultValue"]
+    assert json.loads(default)["nodes"] == 4
+
+
+class LocalNodes:
+    """A TrainerClient whose 'cluster' runs the job's function here, in this process (one node of one
+    process): everything but the Kubernetes API is the real path."""
+
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+
+    def get_runtime(self, name):
+        return name
+
+    def train(self, runtime, trainer, options):
+        name = f"job{len(self.jobs)}"
+        self.jobs[name] = {"runtime": runtime, "nodes": trainer.num_nodes}
+        trainer.func(**trainer.func_args)
+        return name
+
+    def wait_for_job_status(self, name, status, timeout, polling_interval, callbacks):
+        for callback in callbacks:
+            callback(types.TrainJob(name, None, [types.Step("node-0", "Succeeded", "p")], 2, datetime.now(), "Complete"))
+
+
+def test_the_train_step_gets_its_candidate_from_a_multi_node_job(tmp_path):
+    project = init_project(tmp_path / "project", tmp_path / "remote")
+    write_task(project / "data" / "topics", ["sports", "science", "politics"])
+    version = snapshot(project)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = pipeline_steps.start_run(tracking_uri, version.hash, str(tmp_path / "artifacts"))
+    settings = {"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 64}}
+    nodes = LocalNodes()
+    summary = pipeline_steps.train(tracking_uri, "moecl", "", run_id, settings, "", json.dumps(task_versions(version)),
+                                   str(tmp_path / "model"), version.remote, version.hash, {"nodes": 2}, client=nodes)
+
+    assert nodes.jobs == {"job0": {"runtime": "torch-distributed", "nodes": 2}}
+    assert summary["new_tasks"] == ["topics"] and summary["train_seconds"] > 0
+    assert read_manifest(tmp_path / "model")["tasks"] == ["topics"]  # the job's checkpoint, fetched from MLflow
+    tags = registry.connect(tracking_uri).get_run(run_id).data.tags
+    assert tags["trainjob.name"] == "job0" and tags["trainjob.status.trainjob"] == "Complete"
+
+
+def test_a_failed_job_fails_the_step_with_the_nodes_log():
+    class FailingNodes(LocalNodes):
+        def train(self, runtime, trainer, options):
+            return "job9"
+
+        def wait_for_job_status(self, name, status, timeout, polling_interval, callbacks):
+            raise RuntimeError(f"TrainJob {name} is Failed")
+
+        def get_job_logs(self, name):
+            return iter(["loading backbone", "CUDA out of memory"])
+
+    with pytest.raises(RuntimeError, match="(?s)job9.*CUDA out of memory"):
+        trainjob.wait(FailingNodes(), "job9", _settings(nodes=2), lambda *_: None)

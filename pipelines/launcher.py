@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from moecl import pipeline_steps, registry
+from moecl.backbone import DTYPES
+from moecl.gate import GateThresholds
+from moecl.validation import ValidationRules
 from moecl.config import config_from_dict
 from moecl.versioning import DataVersion
 
 from .pipeline import build
 
-SETTINGS = Path(__file__).with_name("settings.yaml")
+SETTINGS = Path(__file__).with_name("settings.yaml")  # the demo's small budget
+PRODUCTION_SETTINGS = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "pipeline-settings.yaml"
 from components import CLUSTER_SETTINGS as CLUSTER
 log = logging.getLogger("moecl.launcher")
 
@@ -32,13 +37,27 @@ class PipelineSettings:
 
     @classmethod
     def load(cls, path: str | Path = SETTINGS) -> "PipelineSettings":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.parse(yaml.safe_load(Path(path).read_text()) or {}, path)
+
+    @classmethod
+    def from_configmap(cls, path: str | Path) -> "PipelineSettings":
+        """The settings a ConfigMap manifest holds under `settings.yaml` (as mounted for the trigger)."""
+        configmap = yaml.safe_load(Path(path).read_text())
+        return cls.parse(yaml.safe_load(configmap["data"]["settings.yaml"]), f"{path}: settings.yaml")
+
+    @classmethod
+    def parse(cls, raw: dict, path) -> "PipelineSettings":
         unknown = sorted(set(raw) - {"model_name", "training", "validation", "gate"})
         if unknown:
             raise ValueError(f"{path}: unknown key '{unknown[0]}'")
         settings = cls(**raw)
-        # Fail now on a bad training section, not after validation ran in the pipeline.
+        # Fail now on a bad section, not after validation ran in the pipeline.
         config_from_dict({**settings.training, "tasks": [{"name": "check", "data": "."}]}, source=str(path))
+        try:
+            ValidationRules(**settings.validation)
+            GateThresholds(**settings.gate)
+        except TypeError as err:
+            raise ValueError(f"{path}: {err}") from None
         return settings
 
 
@@ -82,11 +101,27 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
     return run_id
 
 
-def cluster_pipeline():
-    """The pipeline as the cluster runs it: GPU steps and multi-node training from infra/cluster.yaml;
-    a TrainJob runs the pipeline's own image."""
+def step_memory(parameters: float, precision: str) -> dict[str, str]:
+    """Memory request and limit of a GPU step for a backbone of `parameters` weights: they are read
+    into host memory in the training precision before moving to the GPU; the rest is the Python
+    process, the tokenizer, the data and the MLflow client."""
+    weights = parameters * DTYPES[precision].itemsize / 2**30
+    return {"memory_request": f"{math.ceil(weights + 6)}Gi", "memory_limit": f"{math.ceil(1.5 * weights + 8)}Gi"}
+
+
+def cluster_settings() -> tuple[dict, dict]:
+    """(GPU step settings, TrainJob settings) of the cluster: GPU steps sized for the production
+    backbone in its precision; a TrainJob runs the pipeline's own image."""
     cluster = yaml.safe_load(CLUSTER.read_text())
-    return build(cluster["gpu"], {"image": cluster["image"], **cluster["train_job"]})
+    production = PipelineSettings.from_configmap(PRODUCTION_SETTINGS)
+    precision = production.training.get("train", {}).get("precision", "fp32")
+    gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision)}
+    return gpu, {"image": cluster["image"], **cluster["train_job"]}
+
+
+def cluster_pipeline():
+    """The pipeline as the cluster runs it (infra/cluster.yaml)."""
+    return build(*cluster_settings())
 
 
 def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str,

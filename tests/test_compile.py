@@ -37,8 +37,10 @@ def test_dag_order_and_parameters(tmp_path):
 
 
 def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
+    from pipelines.launcher import cluster_settings
+
     _, (spec, platform) = _compiled(tmp_path)
-    gpu = CLUSTER["gpu"]
+    gpu, _ = cluster_settings()
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("train", "evaluate"):
         resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]

@@ -507,7 +507,7 @@ def test_cluster_yaml_shape_and_types():
     gpu = config["gpu"]
     assert set(gpu) == {
         "accelerator_type", "accelerator_limit", "node_selector", "tolerations", "shm_size",
-        "cpu_request", "memory_request", "memory_limit", "timeout_seconds", "retries",
+        "cpu_request", "backbone", "backbone_parameters", "timeout_seconds", "retries",
     }
     assert isinstance(gpu["accelerator_type"], str) and "/" in gpu["accelerator_type"]
     assert type(gpu["accelerator_limit"]) is int and gpu["accelerator_limit"] >= 1
@@ -523,11 +523,10 @@ def test_cluster_yaml_shape_and_types():
         if toleration.get("operator") == "Exists":
             assert "value" not in toleration
     assert any(t.get("key") == gpu["accelerator_type"] for t in tolerations), "GPU taint not tolerated"
-    for key in ("shm_size", "cpu_request", "memory_request", "memory_limit"):
+    for key in ("shm_size", "cpu_request"):
         assert isinstance(gpu[key], str), f"{key} should be a quoted quantity string"
         assert quantity(gpu[key]) > 0
-    assert quantity(gpu["memory_request"]) <= quantity(gpu["memory_limit"])
-    assert quantity(gpu["shm_size"]) < quantity(gpu["memory_limit"])
+    assert float(gpu["backbone_parameters"]) > 0
     assert type(gpu["timeout_seconds"]) is int and 0 < gpu["timeout_seconds"] <= 7 * 24 * 3600
     assert type(gpu["retries"]) is int and 0 <= gpu["retries"] <= 10
 
@@ -661,3 +660,35 @@ def test_the_pipeline_may_run_trainjobs_in_the_namespace(kdir):
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
     assert named(objects, "RoleBinding", "moecl-trainjob-submitter")["metadata"]["namespace"] == job["namespace"]
+
+
+@KDIRS
+def test_the_trigger_runs_the_production_settings_from_a_configmap(kdir):
+    from pipelines.launcher import SETTINGS, PipelineSettings
+
+    objects, _ = rendered(kdir)
+    configmap = named(objects, "ConfigMap", "moecl-pipeline-settings")
+    production = PipelineSettings.parse(yaml.safe_load(configmap["data"]["settings.yaml"]), "configmap")
+    demo = PipelineSettings.load(SETTINGS)
+    assert production.training["backbone"] == cluster()["gpu"]["backbone"]  # what the GPU steps are sized for
+    assert production.training["train"].get("max_per_label") != demo.training["train"].get("max_per_label")
+    assert production.training["train"]["precision"] == "bf16" and production.training["train"]["gradient_checkpointing"]
+    trigger = named(objects, "CronJob", "moecl-trigger")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = trigger["containers"]
+    path = container["args"][container["args"].index("--settings") + 1]
+    [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in trigger["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "moecl-pipeline-settings" and path.endswith("/settings.yaml")
+
+
+def test_gpu_steps_have_the_memory_to_load_the_production_backbone():
+    from pipelines.launcher import PRODUCTION_SETTINGS, PipelineSettings, step_memory
+
+    gpu = cluster()["gpu"]
+    precision = PipelineSettings.from_configmap(PRODUCTION_SETTINGS).training["train"]["precision"]
+    memory = step_memory(float(gpu["backbone_parameters"]), precision)
+    weights = float(gpu["backbone_parameters"]) * {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    assert weights < quantity(memory["memory_request"]) <= quantity(memory["memory_limit"])
+    assert quantity(gpu["shm_size"]) < quantity(memory["memory_limit"])
+    fp32 = step_memory(float(gpu["backbone_parameters"]), "fp32")
+    assert quantity(fp32["memory_limit"]) > quantity(memory["memory_limit"])  # sized by precision, too

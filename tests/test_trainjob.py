@@ -17,6 +17,7 @@ from kubernetes.client import ApiException
 from moecl import pipeline_steps, registry, trainjob
 from moecl.checkpoint import read_manifest
 from moecl.versioning import init_project, snapshot, task_versions
+from pipelines.launcher import cluster_settings
 from pipelines.pipeline import build
 
 from .conftest import write_task
@@ -124,7 +125,8 @@ def test_multi_node_training_takes_the_train_step_off_the_gpu_pool(tmp_path):
     from kfp import compiler
 
     out = tmp_path / "pipeline.yaml"
-    compiler.Compiler().compile(build(CLUSTER["gpu"], {**CLUSTER["train_job"], "nodes": 4}), str(out))
+    gpu, job = cluster_settings()
+    compiler.Compiler().compile(build(gpu, {**job, "nodes": 4}), str(out))
     spec, _ = yaml.safe_load_all(out.read_text())
     executors = spec["deploymentSpec"]["executors"]
     assert "accelerator" not in executors["exec-train"]["container"].get("resources", {})

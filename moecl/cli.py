@@ -1,11 +1,11 @@
-"""`moecl` command line: train a continual run, predict with a trained checkpoint."""
+"""`moecl` command line: train a continual run, predict with a trained checkpoint. The commands that
+drive the pipeline (trigger, watch, status, rollback) belong to it: `python -m pipelines`."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data import DataError
@@ -46,51 +46,6 @@ def _predict(args) -> int:
     return 0
 
 
-def _launcher(args):
-    """(tracking URI, launch function) for embedded runs in --workdir or, with --host, a KFP cluster."""
-    from pipelines.launcher import PipelineSettings, Workdir, run_embedded, submit
-
-    settings = PipelineSettings.load(args.settings) if args.settings else PipelineSettings.load()
-    workdir = Workdir(Path(args.workdir))
-    tracking_uri = args.tracking_uri or workdir.tracking_uri
-    if args.host:
-        return tracking_uri, lambda version: submit(version, settings, args.host, tracking_uri)
-    if args.tracking_uri:
-        raise ValueError("--tracking-uri is for --host runs; embedded runs keep MLflow in --workdir")
-    return tracking_uri, lambda version: run_embedded(version, settings, workdir)
-
-
-def _trigger(args) -> int:
-    from .trigger import trigger, watch
-
-    try:
-        tracking_uri, launch = _launcher(args)
-        if args.command == "watch":
-            watch(args.project, tracking_uri, launch, args.interval, args.polls)
-            return 0
-        run_id = trigger(args.project, tracking_uri, launch)
-    except (*USER_ERRORS, ValueError) as err:
-        print(f"moecl: error: {err}", file=sys.stderr)
-        return 2
-    print("no new data version" if run_id is None else f"pipeline run done: MLflow run {run_id}")
-    return 0
-
-
-def _rollback(args) -> int:
-    from pipelines.launcher import Workdir
-
-    from .registry import rollback
-
-    tracking_uri = args.tracking_uri or Workdir(Path(args.workdir)).tracking_uri
-    try:
-        demoted, restored = rollback(tracking_uri, args.model_name)
-    except ValueError as err:
-        print(f"moecl: error: {err}", file=sys.stderr)
-        return 2
-    print(f"champion: version {demoted} -> version {restored}")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="moecl", description="Continual instruction tuning with MoE-CL")
     commands = root.add_subparsers(dest="command", required=True)
@@ -107,23 +62,6 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--task", help="the texts' task; without it each text is routed to a task first")
     pred.add_argument("texts", nargs="+", metavar="TEXT")
     pred.set_defaults(run=_predict)
-    for name, text in (("trigger", "launch one pipeline run if data.dvc holds a version not processed yet"),
-                       ("watch", "poll data.dvc and launch one pipeline run per new data version")):
-        cmd = commands.add_parser(name, help=text)
-        cmd.add_argument("--project", default=".", help="DVC project whose data.dvc tracks data/ (default: .)")
-        cmd.add_argument("--workdir", default="work", help="embedded runs: MLflow sqlite, artifacts, KFP outputs")
-        cmd.add_argument("--settings", help="pipeline settings YAML (default: pipelines/settings.yaml)")
-        cmd.add_argument("--host", help="submit to this Kubeflow Pipelines host instead of running embedded")
-        cmd.add_argument("--tracking-uri", help="MLflow tracking server (with --host)")
-        if name == "watch":
-            cmd.add_argument("--interval", type=float, default=60.0, help="seconds between polls")
-            cmd.add_argument("--polls", type=int, help="stop after this many polls (default: never)")
-        cmd.set_defaults(run=_trigger)
-    back = commands.add_parser("rollback", help="give the champion alias back to previous-champion")
-    back.add_argument("--workdir", default="work")
-    back.add_argument("--tracking-uri")
-    back.add_argument("--model-name", default="moecl")
-    back.set_defaults(run=_rollback)
     return root
 
 

@@ -19,7 +19,7 @@ HEADS = ("lm", "classifier")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConfigError(ValueError):
@@ -180,9 +180,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
         task.data = _resolve_path(task.data, base_dir)
         tasks.append(task)
     names = [t.name for t in tasks]
-    bad = [n for n in names if not _TASK_NAME.fullmatch(n) or n == "shared"]
+    bad = [n for n in names if not TASK_NAME.fullmatch(n) or n == "shared"]
     if bad:
-        raise ConfigError(f"{source}: task name '{bad[0]}' must match {_TASK_NAME.pattern} and not be 'shared'")
+        raise ConfigError(f"{source}: task name '{bad[0]}' must match {TASK_NAME.pattern} and not be 'shared'")
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: task names must be unique, got {names}")
     sections = {key: _build(cls, raw[key], key, source) for key, cls in _SECTIONS.items() if key in raw}

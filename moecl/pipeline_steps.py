@@ -23,37 +23,51 @@ import torch
 
 from . import registry, trainjob
 from .checkpoint import load_model, read_manifest
-from .config import Config, config_from_dict
+from .config import TASK_NAME, Config, config_from_dict
+from .experts import SHARED
 from .data import load_task, per_label
 from .distributed import torchrun
-from .gate import GateThresholds, decide
+from .gate import GateDecision, GateThresholds, decide
+from .lifecycle import heartbeating
 from .metrics import plot_heatmap, summarise
-from .scoring import accuracy
+from .scoring import predict
 from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .validation import ValidationRules, validate_task
-from .versioning import DataVersion, materialize, task_versions
+from .versioning import DataVersion, ListingError, materialize, task_versions
 
 log = logging.getLogger("moecl.pipeline")
 
 
 def _timed(step):
-    """Log the step's wall time to the pipeline's MLflow run as `seconds.<step>`, pass or fail."""
+    """Keep the run's lease while the step works and log its wall time to the run as
+    `seconds.<step>`, pass or fail. Failing to log the time never replaces the step's own error."""
     signature = inspect.signature(step)
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
         call = signature.bind(*args, **kwargs).arguments
+        tracking_uri, run_id = call["tracking_uri"], call["run_id"]
         started = time.time()
         try:
-            return step(*args, **kwargs)
+            with heartbeating(tracking_uri, run_id):
+                return step(*args, **kwargs)
         finally:
-            registry.connect(call["tracking_uri"]).log_metric(call["run_id"], f"seconds.{step.__name__}",
-                                                              time.time() - started)
+            try:
+                registry.connect(tracking_uri).log_metric(run_id, f"seconds.{step.__name__}", time.time() - started)
+            except Exception as err:
+                log.warning("could not log the time of step %s: %s", step.__name__, err)
     return wrapper
 
 
 class ValidationFailed(RuntimeError):
     """The data version broke a validation rule; the message names the file, rows and rule."""
+
+
+def _refuse(tracking_uri: str, run_id: str, message: str) -> None:
+    """End the run as `validation_failed` (the version is processed: only new data is tried again)."""
+    registry.connect(tracking_uri).set_tag(run_id, "moecl.validation_errors", message[:5000])
+    _end_run(tracking_uri, run_id, "validation_failed", "FAILED")
+    raise ValidationFailed("data validation failed:\n" + message)
 
 
 def run_config(settings: dict, dataset: Path, tasks: list[str]) -> Config:
@@ -68,20 +82,19 @@ def _end_run(tracking_uri: str, run_id: str, outcome: str, status: str = "FINISH
     client.set_terminated(run_id, status)
 
 
-def start_run(tracking_uri: str, data_version: str, artifact_root: str | None = None) -> str:
-    """The MLflow run of one pipeline run, opened by the launcher: its data-version tag is what
-    makes the trigger launch exactly one run per version."""
-    experiment = registry.experiment_id(tracking_uri, artifact_root)
-    run = registry.connect(tracking_uri).create_run(experiment, run_name=f"data-{data_version[:12]}", tags={
-        registry.TAG_DATA_VERSION: data_version, "git_commit": registry.git_commit()})
-    return run.info.run_id
-
-
 def fail_run(tracking_uri: str, run_id: str, outcome: str = "failed") -> None:
-    """Close a run that stopped on an error (validation closes its own with its own outcome)."""
+    """Close a run that stopped on an error (validation closes its own with its own outcome); the
+    version is retried (see moecl.lifecycle)."""
     client = registry.connect(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
         _end_run(tracking_uri, run_id, outcome, "FAILED")
+
+
+def finalize(tracking_uri: str, run_id: str) -> str:
+    """The DAG's exit handler: a run that ends without an outcome failed somewhere (a step error, a
+    lost pod); mark it failed now rather than when its lease runs out. Returns the run's status."""
+    fail_run(tracking_uri, run_id)
+    return registry.connect(tracking_uri).get_run(run_id).info.status
 
 
 @_timed
@@ -90,13 +103,20 @@ def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     """Fetch the version and validate every task folder with Great Expectations; the report goes
     to MLflow either way. Returns the task versions (JSON); raises ValidationFailed on any failure."""
     version = DataVersion(data_version, data_remote)
-    dataset = materialize(version, dataset_dir)
-    versions = task_versions(version)
+    try:
+        dataset = materialize(version, dataset_dir)
+        versions = task_versions(version)
+    except ListingError as err:
+        _refuse(tracking_uri, run_id, str(err))
     with tempfile.TemporaryDirectory() as scratch:
         best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
         champion_labels = read_manifest(best.checkpoint)["labels"] if best else {}
     reports, failures = {}, []
     for task in sorted(versions):
+        if not TASK_NAME.fullmatch(task) or task == SHARED:
+            failures.append(f"{dataset / task}: folder name {task!r} is not a task name ({TASK_NAME.pattern}, "
+                            f"not '{SHARED}'): rule task_name")
+            continue
         report = validate_task(dataset / task, ValidationRules(**rules), expected_labels=champion_labels.get(task))
         reports[task] = json.loads(report.to_json())
         if not report.success:
@@ -110,10 +130,7 @@ def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
         mlflow.log_dict(reports, "validation/great_expectations.json")
         mlflow.log_params({"data_version": data_version, "tasks": ",".join(sorted(versions))})
     if failures:
-        message = "\n".join(failures)
-        client.set_tag(run_id, "moecl.validation_errors", message[:5000])
-        _end_run(tracking_uri, run_id, "validation_failed", "FAILED")
-        raise ValidationFailed("data validation failed:\n" + message)
+        _refuse(tracking_uri, run_id, "\n".join(failures))
     return json.dumps(versions)
 
 
@@ -218,14 +235,20 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
     return summary
 
 
-def _accuracies(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> dict[str, float]:
+def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> dict[str, list[bool]]:
+    """Per task, whether each test example (the same ones for every model) is answered right."""
     model, prompts, _ = load_model(checkpoint)
     result = {}
     for task in tasks:
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
-        result[task] = accuracy(model, prompts[task], examples, settings.eval.batch_size, progress=True)
+        predicted = predict(model, prompts[task], [e.text for e in examples], settings.eval.batch_size, progress=True)
+        result[task] = [p == e.label for p, e in zip(predicted, examples)]
     return result
+
+
+def _mean(correct: dict[str, list[bool]]) -> dict[str, float]:
+    return {task: sum(c) / len(c) for task, c in correct.items()}
 
 
 @_timed
@@ -236,13 +259,15 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     manifest = read_manifest(candidate_dir)
     tasks = manifest["tasks"]
     cfg = run_config(settings, dataset, tasks)
-    candidate = _accuracies(candidate_dir, dataset, tasks, cfg)
+    candidate_correct = _answers(candidate_dir, dataset, tasks, cfg)
     with tempfile.TemporaryDirectory() as scratch:
         best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
-        champion = _accuracies(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg) if best else None
+        champion_correct = _answers(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg) if best else None
+    candidate, champion = _mean(candidate_correct), champion_correct and _mean(champion_correct)
     matrix = manifest["progress"]["matrix"]
     summary = summarise(tasks, matrix)
     evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
+                  "candidate_correct": candidate_correct, "champion_correct": champion_correct,
                   "champion": champion, "champion_version": best.version if best else None,
                   "champion_aa": sum(champion.values()) / len(champion) if champion else None,
                   "trained_tasks": train_summary["changed_tasks"] + train_summary["new_tasks"],
@@ -281,16 +306,22 @@ def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, ev
 def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
             thresholds: dict) -> dict:
     """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""
-    decision = decide(evaluation["candidate"], evaluation["champion"], evaluation["trained_tasks"],
+    decision = decide(evaluation["candidate_correct"], evaluation["champion_correct"], evaluation["trained_tasks"],
                       GateThresholds(**thresholds))
     client = registry.connect(tracking_uri)
+    previous = None
     if decision.passed:
-        previous = registry.promote(tracking_uri, model_name, version)
+        parent = evaluation["parent_champion"]
+        try:
+            previous = registry.promote(tracking_uri, model_name, version, None if parent is None else str(parent),
+                                        f"pipeline run {run_id}", "passed the gate")
+        except registry.StaleChampion as err:
+            decision = GateDecision(False, [str(err)])
+    if decision.passed:
         client.set_model_version_tag(model_name, version, "moecl.promotion", "promoted")
         _end_run(tracking_uri, run_id, "promoted")
         log.info("version %s is now champion (previous: %s)", version, previous)
     else:
-        previous = None
         client.set_model_version_tag(model_name, version, "moecl.promotion", "rejected")
         client.set_model_version_tag(model_name, version, "moecl.rejection_reasons", "; ".join(decision.reasons))
         _end_run(tracking_uri, run_id, "rejected")

@@ -6,9 +6,14 @@ name), answering {task, text} -> label. Aliases, not stages: `champion` is what 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import getpass
 import json
 import os
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,18 @@ EXPERIMENT = "moecl"
 TAG_DATA_VERSION = "moecl.data_version"
 TAG_OUTCOME = "moecl.outcome"  # validation_failed | promoted | rejected: the version was processed
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "safetensors", "pyyaml", "tqdm", "gguf", "pandas"]
+
+
+def init_store(tracking_uri: str) -> None:
+    """Create the tracking store's schema once. Processes creating one fresh sqlite store at the same
+    time race inside MLflow's migrations; a lock file next to the database serialises them."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def connect(tracking_uri: str) -> MlflowClient:
@@ -104,49 +121,118 @@ class MoeclPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | Path, tags: dict[str, str]) -> str:
-    """Log the checkpoint as a pyfunc in the run, register it, tag the version; return the version."""
+    """Log the checkpoint as a pyfunc in the run, register it, tag the version; return the version.
+    Keyed on the run: a retried step finds the version its earlier attempt registered."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     client = connect(tracking_uri)
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "task", required=False), ColSpec("string", "text")]),
-                               outputs=Schema([ColSpec("string")]))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},
-                                       signature=signature, pip_requirements=PIP_REQUIREMENTS)
-    version = mlflow.register_model(info.model_uri, model_name).version
+    existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    if existing:
+        version = str(min(int(v.version) for v in existing))
+    else:
+        signature = ModelSignature(inputs=Schema([ColSpec("string", "task", required=False), ColSpec("string", "text")]),
+                                   outputs=Schema([ColSpec("string")]))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},
+                                           signature=signature, pip_requirements=PIP_REQUIREMENTS)
+        version = str(mlflow.register_model(info.model_uri, model_name).version)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
-    return str(version)
+    return version
 
 
-def promote(tracking_uri: str, model_name: str, version: str) -> str | None:
-    """Move `champion` to `version`; `previous-champion` keeps the one it replaced (returned)."""
+class StaleChampion(RuntimeError):
+    """The champion moved since the candidate's run started: promoting it would undo that move."""
+
+
+def actor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def alias_lock(tracking_uri: str, model_name: str, wait_seconds: float = 120.0, stale_seconds: float = 600.0):
+    """Exclusive right to move the model's aliases. The lock is a registered model of its own:
+    creating one that exists fails in the tracking store's database, so exactly one holder gets it.
+    A lock older than `stale_seconds` (its holder died) is broken."""
     client = connect(tracking_uri)
-    old = alias_version(tracking_uri, model_name, CHAMPION)
-    if old is not None and old != version:
-        client.set_registered_model_alias(model_name, PREVIOUS, old)
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    name = f"{model_name}.alias-lock"
+    deadline = time.time() + wait_seconds
+    while True:
+        try:
+            client.create_registered_model(name, tags={"holder": actor(), "since": str(time.time())})
+            break
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+            held = client.get_registered_model(name)
+            if time.time() - float(held.tags.get("since", "0")) > stale_seconds:
+                client.delete_registered_model(name)
+                continue
+            if time.time() > deadline:
+                raise TimeoutError(f"the aliases of '{model_name}' are locked by {held.tags.get('holder')}") from None
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
+
+
+def _record_move(client: MlflowClient, model_name: str, alias: str, version: str, who: str, why: str) -> None:
+    """Every alias move is kept on the registered model (`moecl.alias_log`, the last 20) and on the version."""
+    model = client.get_registered_model(model_name)
+    history = json.loads(model.tags.get("moecl.alias_log", "[]"))
+    history.append({"alias": alias, "version": version, "by": who, "why": why[:300], "at": round(time.time())})
+    client.set_registered_model_tag(model_name, "moecl.alias_log", json.dumps(history[-20:]))
+    client.set_model_version_tag(model_name, version, f"moecl.{alias}_by", who)
+    client.set_model_version_tag(model_name, version, f"moecl.{alias}_why", why[:500])
+
+
+def promote(tracking_uri: str, model_name: str, version: str, expected: str | None, who: str, why: str) -> str | None:
+    """Move `champion` to `version` if it is still `expected` (the champion the candidate was trained
+    from; None: there was none), as one compare-and-set under the alias lock; `previous-champion`
+    keeps the one replaced (returned). Raises StaleChampion otherwise."""
+    client = connect(tracking_uri)
+    with alias_lock(tracking_uri, model_name):
+        old = alias_version(tracking_uri, model_name, CHAMPION)
+        if old != expected:
+            raise StaleChampion(f"champion is version {old}, not version {expected} as when this candidate was "
+                                f"trained: version {version} would undo that")
+        if old is not None and old != version:
+            client.set_registered_model_alias(model_name, PREVIOUS, old)
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        _record_move(client, model_name, CHAMPION, version, who, why)
     return old
 
 
-def rollback(tracking_uri: str, model_name: str) -> tuple[str, str]:
-    """Give `champion` back to `previous-champion`; returns (demoted, restored). The demoted version
-    is tagged, and `previous-champion` is cleared so a second rollback cannot bring it back."""
+def rollback(tracking_uri: str, model_name: str, to: str | None = None, reason: str = "") -> tuple[str, str]:
+    """Give `champion` back to `previous-champion`, or to version `to`; returns (demoted, restored).
+    The demoted version is tagged, and `previous-champion` is cleared so a second rollback cannot
+    bring it back. Who did it and why is recorded with the move."""
     client = connect(tracking_uri)
-    restored = alias_version(tracking_uri, model_name, PREVIOUS)
-    demoted = alias_version(tracking_uri, model_name, CHAMPION)
-    if restored is None or demoted is None:
-        raise ValueError(f"model '{model_name}' has no '{PREVIOUS}' alias to roll back to")
-    client.set_registered_model_alias(model_name, CHAMPION, restored)
-    client.delete_registered_model_alias(model_name, PREVIOUS)
-    client.set_model_version_tag(model_name, demoted, "moecl.rolled_back", "true")
+    with alias_lock(tracking_uri, model_name):
+        demoted = alias_version(tracking_uri, model_name, CHAMPION)
+        restored = to or alias_version(tracking_uri, model_name, PREVIOUS)
+        if restored is None or demoted is None:
+            raise ValueError(f"model '{model_name}' has no '{PREVIOUS}' alias to roll back to; pass --to VERSION")
+        try:
+            client.get_model_version(model_name, restored)
+        except MlflowException:
+            raise ValueError(f"model '{model_name}' has no version {restored}") from None
+        client.set_registered_model_alias(model_name, CHAMPION, restored)
+        if alias_version(tracking_uri, model_name, PREVIOUS) is not None:
+            client.delete_registered_model_alias(model_name, PREVIOUS)
+        client.set_model_version_tag(model_name, demoted, "moecl.rolled_back", "true")
+        _record_move(client, model_name, CHAMPION, restored, actor(), f"rollback from version {demoted}: {reason}")
     return demoted, restored
 
 
-def processed_versions(tracking_uri: str) -> set[str]:
-    """Data versions whose pipeline run reached an outcome (a crashed run is retried)."""
-    connect(tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.`{TAG_OUTCOME}` != ''",
-                              output_format="list")
-    return {run.data.tags[TAG_DATA_VERSION] for run in runs if TAG_DATA_VERSION in run.data.tags}
+def last_decision(tracking_uri: str, model_name: str) -> dict | None:
+    """The gate's decision on the newest version it judged: version, promoted/rejected, reasons."""
+    client = connect(tracking_uri)
+    judged = [v for v in client.search_model_versions(f"name='{model_name}'") if "moecl.promotion" in v.tags]
+    if not judged:
+        return None
+    newest = max(judged, key=lambda v: int(v.version))
+    return {"version": newest.version, "promotion": newest.tags["moecl.promotion"],
+            "reasons": newest.tags.get("moecl.rejection_reasons", "")}

@@ -1,5 +1,5 @@
-"""Re-run on new data: compare the data version in `data.dvc` with the versions already processed
-(recorded in MLflow) and launch exactly one pipeline run for a version not seen before."""
+"""Re-run on new data: the data version in `data.dvc` is launched once, retried after a failure or a
+lost run (see moecl.lifecycle), and never run twice at the same time."""
 from __future__ import annotations
 
 import logging
@@ -7,34 +7,36 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .registry import processed_versions
+from .lifecycle import Policy, claim
 from .versioning import DataVersion, current_version
 
 log = logging.getLogger("moecl.trigger")
+Launch = Callable[[DataVersion, str], None]  # (data version, the MLflow run opened for it)
 
 
-def pending_version(project: str | Path, tracking_uri: str) -> DataVersion | None:
-    version = current_version(project)
-    return None if version.hash in processed_versions(tracking_uri) else version
-
-
-def trigger(project: str | Path, tracking_uri: str, launch: Callable[[DataVersion], str]) -> str | None:
-    """Launch one run if `data.dvc` holds an unprocessed version; return its MLflow run id."""
-    version = pending_version(project, tracking_uri)
-    if version is None:
-        log.info("data version %s is already processed: nothing to run", current_version(project).short)
+def trigger(project: str | Path, tracking_uri: str, launch: Launch, policy: Policy | None = None,
+            artifact_root: str | None = None, rerun: str | None = None) -> str | None:
+    """Launch one run of the version in `data.dvc` (or of the version `rerun`, on request) if it is
+    due and no other trigger took it; return its MLflow run id, or None."""
+    current = current_version(project)
+    version = DataVersion(rerun, current.remote) if rerun else current
+    run_id, state = claim(tracking_uri, version.hash, policy or Policy(), artifact_root, rerun=bool(rerun))
+    if run_id is None:
+        log.info("data version %s is %s%s: nothing to launch", version.short, state.state,
+                 f" ({state.detail})" if state.detail else "")
         return None
-    log.info("new data version %s: launching the pipeline", version.short)
-    return launch(version)
+    log.info("data version %s (%s): launching the pipeline, MLflow run %s", version.short, state.state, run_id)
+    launch(version, run_id)
+    return run_id
 
 
-def watch(project: str | Path, tracking_uri: str, launch: Callable[[DataVersion], str], interval: float,
-          polls: int | None = None) -> None:
+def watch(project: str | Path, tracking_uri: str, launch: Launch, interval: float, polls: int | None = None,
+          policy: Policy | None = None, artifact_root: str | None = None) -> None:
     """Poll `data.dvc` every `interval` seconds (forever, or `polls` times)."""
     done = 0
     while polls is None or done < polls:
         try:
-            trigger(project, tracking_uri, launch)
+            trigger(project, tracking_uri, launch, policy, artifact_root)
         except Exception:  # one failed run must not stop the watcher; the run itself is marked failed
             log.exception("pipeline run failed")
         done += 1

@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -94,14 +94,38 @@ def _remote_fs(remote: str):
     return fsspec.core.url_to_fs(remote)[0]
 
 
+class ListingError(ValueError):
+    """A version's `.dir` listing that cannot be trusted: altered, malformed, or naming a path
+    outside the dataset folder."""
+
+
+def _safe_relpath(relpath, path: str) -> str:
+    parts = PurePosixPath(relpath).parts if isinstance(relpath, str) else ()
+    if not parts or relpath.startswith("/") or "\\" in relpath or any(p in ("..", ".", "") for p in parts):
+        raise ListingError(f"{path}: entry {relpath!r} is not a plain path inside the dataset folder")
+    return relpath
+
+
 def dir_listing(version: DataVersion) -> list[dict]:
-    """The `.dir` object: [{'relpath': ..., 'md5': ...}] for every file of the version."""
+    """The `.dir` object: [{'relpath': ..., 'md5': ...}] for every file of the version. It is checked
+    against its own hash (the version) and every path is confined to the dataset folder."""
     fs = _remote_fs(version.remote)
     path = _object_path(version.remote, version.hash) + ".dir"
     if not fs.exists(path):
         raise FileNotFoundError(f"data version {version.hash} is not in the DVC remote {version.remote} (was it pushed?)")
-    with fs.open(path, "r") as handle:
-        return json.load(handle)
+    with fs.open(path, "rb") as handle:
+        raw = handle.read()
+    if hashlib.md5(raw).hexdigest() != version.hash:
+        raise ListingError(f"{path}: the listing's md5 is not the version {version.hash}: it was altered")
+    try:
+        listing = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ListingError(f"{path}: not a JSON listing: {err}") from None
+    if not isinstance(listing, list) or not all(isinstance(e, dict) and isinstance(e.get("md5"), str) for e in listing):
+        raise ListingError(f"{path}: expected a list of {{relpath, md5}} entries")
+    for entry in listing:
+        _safe_relpath(entry.get("relpath"), path)
+    return listing
 
 
 def task_versions(version: DataVersion) -> dict[str, str]:

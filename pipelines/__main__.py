@@ -1,6 +1,15 @@
-"""`python -m pipelines compile` writes the cluster pipeline YAML;
-`python -m pipelines demo` runs the whole pipeline embedded on the shipped sample, twice:
-data v1 (dbpedia, agnews), then v2 adding yelp, each picked up by the trigger."""
+"""The commands that drive the pipeline (also installed as `moecl-pipeline`):
+
+    python -m pipelines compile                  write the cluster pipeline YAML
+    python -m pipelines demo                     the whole pipeline embedded on the shipped sample, twice:
+                                                 data v1 (dbpedia, agnews), then v2 adding yelp
+    python -m pipelines trigger | watch          launch a run for the version in data.dvc when it is due
+    python -m pipelines status                   champion, versions seen and their state, last gate decision
+    python -m pipelines rollback                 give `champion` back (to `previous-champion` or --to VERSION)
+
+Embedded runs keep MLflow, artifacts and KFP outputs in --workdir; with --host, runs go to a
+Kubeflow Pipelines cluster and MLflow is at --tracking-uri.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +18,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 COMPILED = Path(__file__).with_name("compiled") / "continual_training.yaml"
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
@@ -49,8 +56,8 @@ def demo(workdir: Path, settings_path: Path | None) -> None:
     work = Workdir(workdir)
     project = init_project(workdir / "project", workdir / "dvc-remote")
 
-    def launch(version):
-        return run_embedded(version, settings, work)
+    def launch(version, run_id):
+        run_embedded(version, settings, work, run_id)
 
     for name, tasks in DEMO_VERSIONS:
         for task in tasks:
@@ -60,13 +67,13 @@ def demo(workdir: Path, settings_path: Path | None) -> None:
         print(f"\n== data {name}: {version.short} ({', '.join(sorted(p.name for p in (project / 'data').iterdir()))})",
               flush=True)
         started = time.time()
-        run_id = trigger(project, work.tracking_uri, launch)
+        run_id = trigger(project, work.tracking_uri, launch, artifact_root=str(work.artifacts))
         if run_id is None:
             print("  already processed")
         else:
             _report(work.tracking_uri, run_id, time.time() - started)
     started = time.time()
-    again = trigger(project, work.tracking_uri, launch)
+    again = trigger(project, work.tracking_uri, launch, artifact_root=str(work.artifacts))
     print(f"\n== trigger with no data change: {'no run' if again is None else again} ({time.time() - started:.1f}s)")
     champion = registry.alias_version(work.tracking_uri, settings.model_name, registry.CHAMPION)
     previous = registry.alias_version(work.tracking_uri, settings.model_name, registry.PREVIOUS)
@@ -74,20 +81,119 @@ def demo(workdir: Path, settings_path: Path | None) -> None:
     print(f"review the runs:  .venv/bin/mlflow ui --backend-store-uri {work.tracking_uri}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _tracking(args) -> tuple[str, "Workdir"]:
+    """The MLflow URI: --tracking-uri, or the registry of an existing embedded --workdir."""
+    from .launcher import Workdir
+
+    workdir = Workdir(Path(args.workdir))
+    if args.tracking_uri:
+        return args.tracking_uri, workdir
+    if args.command in ("status", "rollback") and not (workdir.root / "mlflow.db").is_file():
+        raise ValueError(f"{workdir.root}: no registry here (mlflow.db); pass the --workdir of your runs or --tracking-uri")
+    return workdir.tracking_uri, workdir
+
+
+def _trigger(args) -> None:
+    from moecl.lifecycle import Policy
+    from moecl.trigger import trigger, watch
+
+    from .launcher import PipelineSettings, run_embedded, submit
+
+    settings = PipelineSettings.load(args.settings) if args.settings else PipelineSettings.load()
+    tracking_uri, workdir = _tracking(args)
+    if args.host:
+        def launch(version, run_id):
+            submit(version, settings, args.host, tracking_uri, run_id)
+        artifact_root = None
+    else:
+        if args.tracking_uri:
+            raise ValueError("--tracking-uri is for --host runs; embedded runs keep MLflow in --workdir")
+
+        def launch(version, run_id):
+            run_embedded(version, settings, workdir, run_id)
+        artifact_root = str(workdir.artifacts)
+    policy = Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
+    if args.command == "watch":
+        watch(args.project, tracking_uri, launch, args.interval, args.polls, policy, artifact_root)
+        return
+    run_id = trigger(args.project, tracking_uri, launch, policy, artifact_root, rerun=args.rerun)
+    print("nothing to launch" if run_id is None else f"pipeline run launched: MLflow run {run_id}")
+
+
+def _status(args) -> None:
+    from moecl import lifecycle, registry
+
+    tracking_uri, _ = _tracking(args)
+    policy = lifecycle.Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
+    print(f"model '{args.model_name}': champion = version {registry.alias_version(tracking_uri, args.model_name, registry.CHAMPION)}, "
+          f"previous-champion = version {registry.alias_version(tracking_uri, args.model_name, registry.PREVIOUS)}")
+    print("\ndata version   state       attempts  run                               detail")
+    for state in lifecycle.version_states(tracking_uri, policy).values():
+        print(f"{state.version[:12]:14} {state.state:11} {state.attempts:8}  {state.run_id or '-':33} {state.detail}")
+    decision = registry.last_decision(tracking_uri, args.model_name)
+    if decision:
+        print(f"\nlast gate decision: version {decision['version']} {decision['promotion']}"
+              + (f": {decision['reasons']}" if decision.get("reasons") else ""))
+
+
+def _rollback(args) -> None:
+    from moecl.registry import rollback
+
+    tracking_uri, _ = _tracking(args)
+    demoted, restored = rollback(tracking_uri, args.model_name, to=args.to, reason=args.reason)
+    print(f"champion: version {demoted} -> version {restored}")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.splitlines()[0])
+    root.add_argument("--verbose", action="store_true", help="every library's logs, not only moecl's")
+    commands = root.add_subparsers(dest="command", required=True)
     comp = commands.add_parser("compile", help="write the pipeline YAML for a Kubeflow cluster")
     comp.add_argument("--out", type=Path, default=COMPILED)
     run = commands.add_parser("demo", help="run the pipeline embedded on the shipped sample (v1, then v2)")
     run.add_argument("--workdir", type=Path, default=Path("work/demo"))
     run.add_argument("--settings", type=Path, help="pipeline settings (default: pipelines/settings.yaml)")
-    args = parser.parse_args(argv)
+    for name, text in (("trigger", "launch one pipeline run if the version in data.dvc is due"),
+                       ("watch", "poll data.dvc and launch runs as versions come due"),
+                       ("status", "champion, the data versions seen and their state, the last gate decision"),
+                       ("rollback", "move `champion` back")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--workdir", default="work", help="embedded runs: MLflow sqlite, artifacts, KFP outputs")
+        cmd.add_argument("--tracking-uri", help="MLflow tracking server (cluster runs)")
+        cmd.add_argument("--model-name", default="moecl")
+        if name in ("trigger", "watch", "status"):
+            cmd.add_argument("--lease-seconds", type=float, default=900.0, help="a run silent this long is failed")
+            cmd.add_argument("--max-attempts", type=int, default=3, help="failed runs before a version stays failed")
+            cmd.add_argument("--backoff-seconds", type=float, default=300.0, help="wait before the first retry (doubles)")
+        if name in ("trigger", "watch"):
+            cmd.add_argument("--project", default=".", help="DVC project whose data.dvc tracks data/ (default: .)")
+            cmd.add_argument("--settings", help="pipeline settings YAML (default: pipelines/settings.yaml)")
+            cmd.add_argument("--host", help="submit to this Kubeflow Pipelines host instead of running embedded")
+        if name == "trigger":
+            cmd.add_argument("--rerun", metavar="VERSION", help="launch this data version (full hash) again")
+        if name == "watch":
+            cmd.add_argument("--interval", type=float, default=60.0, help="seconds between polls")
+            cmd.add_argument("--polls", type=int, help="stop after this many polls (default: never)")
+        if name == "rollback":
+            cmd.add_argument("--to", metavar="VERSION", help="this registered version (default: previous-champion)")
+            cmd.add_argument("--reason", default="", help="recorded on the alias move")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    if args.command == "compile":
-        print(compile_pipeline(args.out))
-    else:
-        demo(args.workdir, args.settings)
+    handlers = {"trigger": _trigger, "watch": _trigger, "status": _status, "rollback": _rollback}
+    try:
+        if args.command == "compile":
+            print(compile_pipeline(args.out))
+        elif args.command == "demo":
+            demo(args.workdir, args.settings)
+        else:
+            handlers[args.command](args)
+    except ValueError as err:
+        print(f"moecl-pipeline: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ import yaml
 from moecl import pipeline_steps, registry
 from moecl.backbone import DTYPES
 from moecl.gate import GateThresholds
+from moecl.lifecycle import heartbeating
 from moecl.validation import ValidationRules
 from moecl.config import config_from_dict
 from moecl.versioning import DataVersion
@@ -84,21 +85,24 @@ def arguments(settings: PipelineSettings, version: DataVersion, tracking_uri: st
     }
 
 
-def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir) -> str:
-    """Run the whole DAG on this machine, each step a subprocess in the current environment."""
+def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir, run_id: str) -> None:
+    """Run the whole DAG on this machine, each step a subprocess in the current environment, keeping
+    the run's lease while it works. An interrupted or failed run is marked failed (to be retried)."""
     from kfp import local
 
     workdir.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = workdir.tracking_uri
-    run_id = pipeline_steps.start_run(tracking_uri, version.hash, str(workdir.artifacts))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir.root / "pipeline-root"),
                raise_on_error=True)
     try:
-        build()(**arguments(settings, version, tracking_uri, run_id))
+        with heartbeating(tracking_uri, run_id):
+            build()(**arguments(settings, version, tracking_uri, run_id))
+    except KeyboardInterrupt:
+        pipeline_steps.fail_run(tracking_uri, run_id, "interrupted")
+        raise
     except BaseException:
         pipeline_steps.fail_run(tracking_uri, run_id)
         raise
-    return run_id
 
 
 def step_memory(parameters: float, precision: str) -> dict[str, str]:
@@ -124,13 +128,12 @@ def cluster_pipeline():
     return build(*cluster_settings())
 
 
-def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str,
-           experiment: str = "moecl") -> str:
-    """Submit the run to a Kubeflow Pipelines host; train and evaluate go to the GPU node pool."""
+def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str, run_id: str,
+           experiment: str = "moecl") -> None:
+    """Submit the run to a Kubeflow Pipelines host; train and evaluate go to the GPU node pool. The
+    steps keep the run's lease from then on; the DAG's exit handler marks it failed if it fails."""
     import kfp
 
-    run_id = pipeline_steps.start_run(tracking_uri, version.hash)
     client = kfp.Client(host=host)
     client.create_run_from_pipeline_func(cluster_pipeline(), arguments=arguments(settings, version, tracking_uri, run_id),
                                          run_name=f"moecl-data-{version.short}", experiment_name=experiment)
-    return run_id

@@ -5,6 +5,7 @@ import json
 from kfp import dsl, kubernetes
 
 from components.evaluate import evaluate
+from components.finalize import finalize
 from components.promote import promote
 from components.register import register
 from components.train import train
@@ -40,25 +41,28 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None):
                            parent_version: str = "", model_name: str = "moecl", settings_json: str = "{}",
                            rules_json: str = "{}", thresholds_json: str = "{}", train_job_json: str = train_job_default):
         common = {"tracking_uri": tracking_uri, "model_name": model_name, "run_id": run_id}
-        validated = validate_data(**common, parent_version=parent_version, data_remote=data_remote,
-                                  data_version=data_version, rules_json=rules_json)
-        validated.set_display_name("validate")
-        trained = train(**common, parent_version=parent_version, settings_json=settings_json,
-                        task_versions=validated.outputs["Output"], data_remote=data_remote, data_version=data_version,
-                        train_job_json=train_job_json, dataset=validated.outputs["dataset"])
-        evaluated = evaluate(**common, parent_version=parent_version, settings_json=settings_json,
-                             train_summary=trained.outputs["Output"], dataset=validated.outputs["dataset"],
-                             model=trained.outputs["model"])
-        registered = register(**common, data_version=data_version, task_versions=validated.outputs["Output"],
-                              settings_json=settings_json, evaluation=evaluated.outputs["Output"],
-                              model=trained.outputs["model"])
-        promoted = promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
-                           thresholds_json=thresholds_json)
-        for step in (registered, promoted):  # registry side effects must happen on every run
-            step.set_caching_options(False)
-        if gpu:
-            if not multi_node:
-                _on_gpu_pool(trained, gpu)
-            _on_gpu_pool(evaluated, gpu)
+        closing = finalize(tracking_uri=tracking_uri, run_id=run_id)
+        closing.set_display_name("finalize").set_caching_options(False)
+        with dsl.ExitHandler(closing, name="pipeline"):
+            validated = validate_data(**common, parent_version=parent_version, data_remote=data_remote,
+                                      data_version=data_version, rules_json=rules_json)
+            validated.set_display_name("validate")
+            trained = train(**common, parent_version=parent_version, settings_json=settings_json,
+                            task_versions=validated.outputs["Output"], data_remote=data_remote, data_version=data_version,
+                            train_job_json=train_job_json, dataset=validated.outputs["dataset"])
+            evaluated = evaluate(**common, parent_version=parent_version, settings_json=settings_json,
+                                 train_summary=trained.outputs["Output"], dataset=validated.outputs["dataset"],
+                                 model=trained.outputs["model"])
+            registered = register(**common, data_version=data_version, task_versions=validated.outputs["Output"],
+                                  settings_json=settings_json, evaluation=evaluated.outputs["Output"],
+                                  model=trained.outputs["model"])
+            promoted = promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
+                               thresholds_json=thresholds_json)
+            for step in (registered, promoted):  # registry side effects must happen on every run
+                step.set_caching_options(False)
+            if gpu:
+                if not multi_node:
+                    _on_gpu_pool(trained, gpu)
+                _on_gpu_pool(evaluated, gpu)
 
     return continual_training

@@ -24,9 +24,18 @@ def test_checked_in_yaml_is_the_current_compile(tmp_path):
     assert COMPILED.read_text() == fresh.read_text(), "run `python -m pipelines compile` and commit the YAML"
 
 
+def _steps(spec) -> dict:
+    """The pipeline's steps: inside the exit handler, whose `finalize` closes the run however it ends."""
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "finalize"}
+    assert root["finalize"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finalize"]["dependentTasks"] == ["exit-handler-1"]
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
 def test_dag_order_and_parameters(tmp_path):
     _, (spec, _) = _compiled(tmp_path)
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _steps(spec)
     assert set(tasks) == {"validate-data", "train", "evaluate", "register", "promote"}
     assert tasks["train"]["dependentTasks"] == ["validate-data"]
     assert set(tasks["evaluate"]["dependentTasks"]) == {"train", "validate-data"}
@@ -47,7 +56,7 @@ def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
         assert resources["accelerator"]["resourceType"] == gpu["accelerator_type"]
         assert resources["accelerator"]["resourceCount"] == str(gpu["accelerator_limit"])
         assert resources["resourceMemoryLimit"] == gpu["memory_limit"]
-        assert spec["root"]["dag"]["tasks"][step]["retryPolicy"]["maxRetryCount"] == gpu["retries"]
+        assert _steps(spec)[step]["retryPolicy"]["maxRetryCount"] == gpu["retries"]
         settings = k8s[f"exec-{step}"]
         assert settings["nodeSelector"]["labels"] == gpu["node_selector"]
         assert settings["tolerations"] == gpu["tolerations"]

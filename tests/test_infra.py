@@ -439,7 +439,7 @@ def test_trigger_cronjob(kdir):
     named(objects, "ServiceAccount", pod["serviceAccountName"])
     (container,) = pod["containers"]
     argv = list(container.get("command") or []) + list(container.get("args") or [])
-    assert argv[:2] == ["moecl", "trigger"], argv
+    assert argv[:2] == ["moecl-pipeline", "trigger"], argv
     for flag in ("--host", "--tracking-uri", "--project"):
         assert flag in argv and argv.index(flag) + 1 < len(argv), f"{flag} missing a value"
     host = expand(argv[argv.index("--host") + 1], container, objects)

@@ -7,9 +7,9 @@ import pytest
 from mlflow import MlflowClient
 
 from moecl import registry
-from moecl.cli import main
 from moecl.trigger import trigger
 from moecl.versioning import init_project, snapshot
+from pipelines.__main__ import main
 from pipelines.launcher import PipelineSettings, Workdir, run_embedded
 from tests.conftest import write_task
 
@@ -21,7 +21,7 @@ TINY_TRAINING = {
     "eval": {"batch_size": 8},
 }
 RULES = {"min_rows_per_label_train": 4, "min_rows_per_label_test": 2}
-LENIENT_GATE = {"min_new_task_accuracy": 0.0, "max_old_task_drop": 1.0, "max_aa_drop": 1.0}
+LENIENT_GATE = {"min_new_task_accuracy": 0.0, "max_old_task_drop": 1.0, "max_aa_drop": 1.0, "min_eval_examples": 0}
 
 
 @pytest.fixture
@@ -33,10 +33,15 @@ def project(tmp_path):
 
 
 def _launcher(tmp_path, **overrides):
+    """(tracking URI, trigger bound to an embedded launcher with these settings)."""
     settings = PipelineSettings(model_name="moecl", training={**TINY_TRAINING, **overrides.pop("training", {})},
                                 validation=RULES, gate={**LENIENT_GATE, **overrides.pop("gate", {})})
     workdir = Workdir(tmp_path / "work")
-    return workdir.tracking_uri, lambda version: run_embedded(version, settings, workdir)
+
+    def run(project, **kwargs):
+        return trigger(project, workdir.tracking_uri, lambda version, run_id: run_embedded(version, settings, workdir, run_id),
+                       artifact_root=str(workdir.artifacts), **kwargs)
+    return workdir.tracking_uri, run
 
 
 def _versions(tracking_uri):
@@ -50,12 +55,12 @@ def _runs(tracking_uri):
 def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     tracking_uri, launch = _launcher(tmp_path)
     snapshot(project)
-    assert trigger(project, tracking_uri, launch)
+    assert launch(project)
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "1"
 
     write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
     snapshot(project)
-    second_run = trigger(project, tracking_uri, launch)
+    second_run = launch(project)
     assert second_run and len(_runs(tracking_uri)) == 2
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
     assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) == "1"
@@ -68,14 +73,14 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     assert version.tags["parent_champion_version"] == "1" and version.tags["method"] == "moecl"
     assert set(json.loads(version.tags["task_versions"])) == {"topics", "sentiment", "animals"}
 
-    assert trigger(project, tracking_uri, launch) is None  # no new data: no run
+    assert launch(project) is None  # no new data: no run
     assert len(_runs(tracking_uri)) == 2
 
     bad = project / "data" / "animals" / "train.jsonl"
     bad.write_text(bad.read_text() + json.dumps({"text": "a hamster hamster", "label": "hamster"}) + "\n")
     snapshot(project)
     with pytest.raises(RuntimeError):
-        trigger(project, tracking_uri, launch)
+        launch(project)
     failed = [r for r in _runs(tracking_uri) if r.data.tags.get(registry.TAG_OUTCOME) == "validation_failed"]
     assert len(failed) == 1
     errors = failed[0].data.tags["moecl.validation_errors"]
@@ -101,10 +106,10 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
     live = {**TINY_TRAINING, "retention": {"shared": "live"}}
     tracking_uri, launch = _launcher(tmp_path, training=live)
     snapshot(project)
-    trigger(project, tracking_uri, launch)
+    launch(project)
     write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
     snapshot(project)
-    trigger(project, tracking_uri, launch)
+    launch(project)
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
 
     # A deliberately harmful run: a huge learning rate wrecks the live shared expert every task reads.
@@ -112,7 +117,7 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
                            gate={"max_old_task_drop": 0.0})
     write_task(project / "data" / "colors", ["red", "blue"], salt="paint ")
     snapshot(project)
-    trigger(project, tracking_uri, harmful)
+    harmful(project)
     client = MlflowClient(tracking_uri)
     rejected = client.get_model_version("moecl", "3")
     assert rejected.tags["moecl.promotion"] == "rejected"
@@ -120,8 +125,11 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
     assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) == "1"
 
-    assert main(["rollback", "--workdir", str(tmp_path / "work")]) == 0
+    assert main(["rollback", "--workdir", str(tmp_path / "work"), "--reason", "v2 misroutes"]) == 0
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "1"
     assert registry.alias_version(tracking_uri, "moecl", registry.PREVIOUS) is None
     assert client.get_model_version("moecl", "2").tags["moecl.rolled_back"] == "true"
+    moves = json.loads(client.get_registered_model("moecl").tags["moecl.alias_log"])
+    assert [m["version"] for m in moves] == ["1", "2", "1"]  # who moved champion, and why, every time
+    assert moves[0]["by"].startswith("pipeline run ") and "v2 misroutes" in moves[-1]["why"]
     assert main(["rollback", "--workdir", str(tmp_path / "work")]) == 2  # nothing left to roll back to

@@ -16,6 +16,7 @@ from kubernetes.client import ApiException
 
 from moecl import pipeline_steps, registry, trainjob
 from moecl.checkpoint import read_manifest
+from moecl.lifecycle import Policy, claim
 from moecl.versioning import init_project, snapshot, task_versions
 from pipelines.launcher import cluster_settings
 from pipelines.pipeline import build
@@ -161,7 +162,7 @@ def test_the_train_step_gets_its_candidate_from_a_multi_node_job(tmp_path):
     write_task(project / "data" / "topics", ["sports", "science", "politics"])
     version = snapshot(project)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = pipeline_steps.start_run(tracking_uri, version.hash, str(tmp_path / "artifacts"))
+    run_id, _ = claim(tracking_uri, version.hash, Policy(), str(tmp_path / "artifacts"))
     settings = {"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                 "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 64}}
     nodes = LocalNodes()

@@ -1,0 +1,165 @@
+"""Scheduled retraining: a version runs once at a time, a lost run is relaunched after its lease, a
+failed one is retried with backoff up to a limit, and the champion only moves by compare-and-set.
+The concurrency and kill tests use real processes of the real command on a real sqlite store."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from moecl import lifecycle, pipeline_steps, registry
+from moecl.lifecycle import Policy
+from moecl.versioning import init_project, snapshot
+
+from .conftest import write_task
+from .test_pipeline import LENIENT_GATE, RULES, TINY_TRAINING
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _project(tmp_path) -> Path:
+    root = init_project(tmp_path / "project", tmp_path / "dvc-remote")
+    write_task(root / "data" / "topics", ["sports", "science", "politics"])
+    snapshot(root)
+    return root
+
+
+def _settings(tmp_path) -> Path:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump({"model_name": "moecl", "training": {**TINY_TRAINING, "train": {
+        **TINY_TRAINING["train"], "epochs": 1}}, "validation": RULES, "gate": LENIENT_GATE}))
+    return path
+
+
+def _command(tmp_path, project, *extra) -> list[str]:
+    return [sys.executable, "-m", "pipelines", "trigger", "--project", str(project), "--workdir", str(tmp_path / "work"),
+            "--settings", str(_settings(tmp_path)), *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _runs(tracking_uri) -> list:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(registry.EXPERIMENT)
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_concurrent_triggers_for_one_version_make_exactly_one_run(tmp_path):
+    project = _project(tmp_path)
+    logs = [(tmp_path / f"trigger{i}.out", tmp_path / f"trigger{i}.err") for i in range(3)]
+    triggers = [subprocess.Popen(_command(tmp_path, project), cwd=ROOT, env=_env(), stdout=out.open("w"),
+                                 stderr=err.open("w")) for out, err in logs]
+    codes = [t.wait(timeout=600) for t in triggers]
+    results = [(code, out.read_text(), err.read_text()) for code, (out, err) in zip(codes, logs)]
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    launched = [out for _, out, _ in results if "pipeline run launched" in out]
+    assert len(launched) == 1, [out for _, out, _ in results]
+    tracking_uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    [run] = _runs(tracking_uri)
+    assert run.data.tags[registry.TAG_OUTCOME] == "promoted" and run.info.status == "FINISHED"
+    assert [str(v.version) for v in MlflowClient(tracking_uri).search_model_versions("name='moecl'")] == ["1"]
+
+
+def test_a_killed_trigger_is_relaunched_after_its_lease_and_the_dead_run_is_failed(tmp_path):
+    project = _project(tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    doomed = subprocess.Popen(_command(tmp_path, project), cwd=ROOT, env=_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r.data.metrics.get("seconds.validate") for r in _runs(tracking_uri)):
+        time.sleep(1)  # killed once the pipeline is well under way: validation done, training started
+    os.killpg(doomed.pid, signal.SIGKILL)  # the trigger and every step it started, no handler runs
+    doomed.wait()
+    [dead] = _runs(tracking_uri)
+    assert dead.info.status == "RUNNING"  # nothing could mark it: only its silence tells
+
+    early = subprocess.run(_command(tmp_path, project), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert "nothing to launch" in early.stdout  # its lease (900 s by default) still holds
+
+    time.sleep(2)
+    again = subprocess.run(_command(tmp_path, project, "--lease-seconds", "1", "--backoff-seconds", "0"), cwd=ROOT,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "pipeline run launched" in again.stdout, again.stderr[-2000:]
+    runs = {r.info.run_id: r for r in _runs(tracking_uri)}
+    assert runs[dead.info.run_id].info.status == "FAILED"
+    assert runs[dead.info.run_id].data.tags[registry.TAG_OUTCOME] == "lease_expired"
+    [done] = [r for r in runs.values() if r.info.run_id != dead.info.run_id]
+    assert done.data.tags[registry.TAG_OUTCOME] == "promoted" and done.data.tags[lifecycle.TAG_ATTEMPT] == "2"
+
+
+def _fail(tracking_uri, version, policy, outcome="failed"):
+    run_id, _ = lifecycle.claim(tracking_uri, version, policy)
+    assert run_id, "the version was not due"
+    pipeline_steps.fail_run(tracking_uri, run_id, outcome)
+    return run_id
+
+
+def test_failed_runs_are_retried_with_backoff_up_to_a_limit_then_only_on_request(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = "a" * 32
+    now_policy = Policy(lease_seconds=900, max_attempts=3, backoff_seconds=0)
+    _fail(tracking_uri, version, now_policy, "interrupted")  # Ctrl-C does not make a version processed
+    state = lifecycle.version_state(tracking_uri, version, Policy(backoff_seconds=3600))
+    assert (state.state, state.attempts, state.due) == ("retrying", 1, False) and "interrupted" in state.detail
+    assert lifecycle.claim(tracking_uri, version, Policy(backoff_seconds=3600))[0] is None  # backoff holds
+    assert lifecycle.version_state(tracking_uri, version, now_policy).due
+    _fail(tracking_uri, version, now_policy)
+    _fail(tracking_uri, version, now_policy)
+    state = lifecycle.version_state(tracking_uri, version, now_policy)
+    assert (state.state, state.attempts, state.due) == ("failed", 3, False) and "--rerun" in state.detail
+    assert lifecycle.claim(tracking_uri, version, now_policy)[0] is None
+    rerun, _ = lifecycle.claim(tracking_uri, version, now_policy, rerun=True)
+    assert rerun and MlflowClient(tracking_uri).get_run(rerun).data.tags["moecl.rerun"] == "true"
+    pipeline_steps._end_run(tracking_uri, rerun, "promoted")
+    assert lifecycle.version_state(tracking_uri, version, now_policy).state == "processed"
+    assert len(_runs(tracking_uri)) == 4  # no claim left a run behind
+
+
+def test_a_stale_candidate_cannot_move_the_champion(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text("{}")
+    versions = []
+    for _ in range(3):
+        run_id, _ = lifecycle.claim(tracking_uri, f"{len(versions)}" * 32, Policy(), str(tmp_path / "artifacts"))
+        versions.append(registry.register(tracking_uri, "moecl", run_id, checkpoint, {}))
+        assert registry.register(tracking_uri, "moecl", run_id, checkpoint, {}) == versions[-1]  # a retry: same version
+    assert registry.promote(tracking_uri, "moecl", versions[0], None, "run a", "first") is None
+    assert registry.promote(tracking_uri, "moecl", versions[1], versions[0], "run b", "passed") == versions[0]
+    with pytest.raises(registry.StaleChampion, match=f"champion is version {versions[1]}, not version {versions[0]}"):
+        registry.promote(tracking_uri, "moecl", versions[2], versions[0], "run c", "passed")  # trained from v1
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == versions[1]
+    assert len(MlflowClient(tracking_uri).search_model_versions("name='moecl'")) == 3  # one per run, retries included
+
+    evaluation = {"candidate_correct": {"t": [True] * 45 + [False] * 5}, "champion_correct": {"t": [True] * 40 + [False] * 10},
+                  "trained_tasks": ["t"], "parent_champion": versions[0]}
+    run_id, _ = lifecycle.claim(tracking_uri, "9" * 32, Policy())
+    decision = pipeline_steps.promote(tracking_uri, "moecl", run_id, versions[2], evaluation, {})
+    assert not decision["passed"] and "champion is version" in decision["reasons"][0]
+    assert MlflowClient(tracking_uri).get_run(run_id).data.tags[registry.TAG_OUTCOME] == "rejected"
+    log = json.loads(MlflowClient(tracking_uri).get_registered_model("moecl").tags["moecl.alias_log"])
+    assert [(m["version"], m["by"]) for m in log] == [(versions[0], "run a"), (versions[1], "run b")]
+
+
+def test_status_shows_versions_and_a_missing_registry_is_an_error(tmp_path, capsys):
+    from pipelines.__main__ import main
+
+    assert main(["status", "--workdir", str(tmp_path / "nowhere")]) == 2
+    assert "no registry here" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere" / "mlflow.db").exists()  # nothing was created
+    tracking_uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    _fail(tracking_uri, "b" * 32, Policy(backoff_seconds=0))
+    assert main(["status", "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert "bbbbbbbbbbbb" in out and "retrying" in out and "champion = version None" in out

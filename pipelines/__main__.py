@@ -45,7 +45,7 @@ def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
     print("  accuracy: " + ", ".join(f"{task} {value:.2f}" for task, value in accuracy.items()))
 
 
-def demo(workdir: Path, settings_path: Path | None) -> None:
+def demo(workdir: Path, settings_path: Path | None, verbose: bool = False) -> None:
     from moecl import registry
     from moecl.trigger import trigger
     from moecl.versioning import init_project, snapshot
@@ -57,7 +57,7 @@ def demo(workdir: Path, settings_path: Path | None) -> None:
     project = init_project(workdir / "project", workdir / "dvc-remote")
 
     def launch(version, run_id):
-        run_embedded(version, settings, work, run_id)
+        run_embedded(version, settings, work, run_id, verbose)
 
     for name, tasks in DEMO_VERSIONS:
         for task in tasks:
@@ -110,7 +110,7 @@ def _trigger(args) -> None:
             raise ValueError("--tracking-uri is for --host runs; embedded runs keep MLflow in --workdir")
 
         def launch(version, run_id):
-            run_embedded(version, settings, workdir, run_id)
+            run_embedded(version, settings, workdir, run_id, args.verbose)
         artifact_root = str(workdir.artifacts)
     policy = Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
     if args.command == "watch":
@@ -182,13 +182,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("moecl").setLevel(logging.INFO)  # third-party libraries: warnings only, unless --verbose
     handlers = {"trigger": _trigger, "watch": _trigger, "status": _status, "rollback": _rollback}
     try:
         if args.command == "compile":
             print(compile_pipeline(args.out))
         elif args.command == "demo":
-            demo(args.workdir, args.settings)
+            demo(args.workdir, args.settings, args.verbose)
         else:
             handlers[args.command](args)
     except ValueError as err:

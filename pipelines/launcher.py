@@ -5,9 +5,13 @@ starts, and passes the registry's current champion as the run's parent.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,23 +89,63 @@ def arguments(settings: PipelineSettings, version: DataVersion, tracking_uri: st
     }
 
 
-def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir, run_id: str) -> None:
+class StepOutput(io.TextIOBase):
+    """Where the embedded runner's output goes. KFP's local runner prints every line its step
+    processes write (executor inputs, every library's INFO logs, progress bars); all of it is kept
+    in a log file, and the terminal gets each step's start and end, moecl's own progress lines,
+    each progress bar once it is done, and errors."""
+
+    SHOWN = re.compile(r"Executing task|finished with status|ERROR|Error|Traceback|task=\S+ step=\d+/|after \S+: |"
+                       r"is now champion|not promoted")
+
+    def __init__(self, log_file: Path, terminal):
+        self.log = log_file.open("a")
+        self.terminal = terminal
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            shown = line.split("\r")[-1].rstrip()  # a progress bar: its last state
+            bar = shown.startswith(("train ", "eval ")) and "100%" in shown
+            if bar or self.SHOWN.search(shown):
+                self.terminal.write(f"  {shown.strip()[:200]}\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir, run_id: str,
+                 verbose: bool = False) -> None:
     """Run the whole DAG on this machine, each step a subprocess in the current environment, keeping
-    the run's lease while it works. An interrupted or failed run is marked failed (to be retried)."""
+    the run's lease while it works. An interrupted or failed run is marked failed (to be retried).
+    The steps' full output goes to <workdir>/logs/<run id>.log (and to the terminal with `verbose`)."""
     from kfp import local
 
     workdir.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = workdir.tracking_uri
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir.root / "pipeline-root"),
                raise_on_error=True)
+    log_file = workdir.root / "logs" / f"{run_id}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(StepOutput(log_file, sys.stdout))
     try:
-        with heartbeating(tracking_uri, run_id):
+        with heartbeating(tracking_uri, run_id), output:
             build()(**arguments(settings, version, tracking_uri, run_id))
     except KeyboardInterrupt:
         pipeline_steps.fail_run(tracking_uri, run_id, "interrupted")
         raise
     except BaseException:
         pipeline_steps.fail_run(tracking_uri, run_id)
+        if not verbose:
+            print(f"  the steps' full output: {log_file}", file=sys.stderr)
         raise
 
 

@@ -76,8 +76,12 @@ def test_a_killed_trigger_is_relaunched_after_its_lease_and_the_dead_run_is_fail
     doomed = subprocess.Popen(_command(tmp_path, project), cwd=ROOT, env=_env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(r.data.metrics.get("seconds.validate") for r in _runs(tracking_uri)):
-        time.sleep(1)  # killed once the pipeline is well under way: validation done, training started
+    while time.time() < deadline and not (tmp_path / "work" / "mlflow.db").is_file():
+        time.sleep(0.5)
+    registry.init_store(tracking_uri)  # waits while the trigger creates the store's schema
+    while time.time() < deadline and not _runs(tracking_uri):
+        time.sleep(0.5)
+    time.sleep(4)  # the run is under way: its first step is working
     os.killpg(doomed.pid, signal.SIGKILL)  # the trigger and every step it started, no handler runs
     doomed.wait()
     [dead] = _runs(tracking_uri)

@@ -24,9 +24,9 @@ import torch
 from . import registry, trainjob
 from .checkpoint import load_model, read_manifest
 from .config import TASK_NAME, Config, config_from_dict
-from .experts import SHARED
 from .data import load_task, per_label
 from .distributed import torchrun
+from .experts import SHARED
 from .gate import GateDecision, GateThresholds, decide
 from .lifecycle import heartbeating
 from .metrics import plot_heatmap, summarise
@@ -129,9 +129,24 @@ def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(reports, "validation/great_expectations.json")
         mlflow.log_params({"data_version": data_version, "tasks": ",".join(sorted(versions))})
+        _log_dataset(version, versions, dataset)
     if failures:
         _refuse(tracking_uri, run_id, "\n".join(failures))
     return json.dumps(versions)
+
+
+def _log_dataset(version: DataVersion, versions: dict[str, str], dataset: Path) -> None:
+    """The DVC data version as the run's MLflow dataset input: one row per task with its digest and sizes."""
+    import pandas as pd
+
+    rows = []
+    for task, digest in sorted(versions.items()):
+        counts = {split: sum(1 for line in (dataset / task / f"{split}.jsonl").open() if line.strip())
+                  if (dataset / task / f"{split}.jsonl").is_file() else 0 for split in ("train", "test")}
+        rows.append({"task": task, "task_version": digest, **counts})
+    table = mlflow.data.from_pandas(pd.DataFrame(rows), source=version.remote, name=f"data-{version.short}",
+                                    digest=version.hash[:36])
+    mlflow.log_input(table, context="training", tags={"dvc_version": version.hash})
 
 
 def plan_tasks(versions: dict[str, str], best: registry.Champion | None) -> tuple[list[str], list[str], list[str]]:
@@ -230,9 +245,37 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
             shutil.copytree(checkpoint, model_dir)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if k != "train_seconds"})
-        mlflow.log_params({"method": settings.get("method", "moecl"), "backbone": settings.get("backbone")})
+        mlflow.log_params(flat_params(run_config(settings, Path("."), ["settings"]).to_dict()))
         mlflow.log_metric("train_seconds", summary["train_seconds"])
+        trained = set(summary["new_tasks"] + summary["changed_tasks"])  # the model's earlier stages were other runs'
+        _log_curve([p for p in read_manifest(Path(model_dir))["progress"].get("curve", []) if p["stage"] in trained])
     return summary
+
+
+def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params: {"train.lr": "0.001", ...} (task folders left out: they are the data)."""
+    flat = {}
+    for key, value in tree.items():
+        if key == "tasks":
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def _log_curve(curve: list[dict]) -> None:
+    """Per-step training curves (loss, discriminator loss and accuracy, lr), numbered across stages."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train.{key}", value, now, index) for index, point in enumerate(curve, start=1)
+               for key, value in point.items() if key not in ("stage", "step")]
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
 def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> dict[str, list[bool]]:
@@ -302,6 +345,20 @@ def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, ev
     return registry.register(tracking_uri, model_name, run_id, model_dir, tags)
 
 
+def model_card(version: str, evaluation: dict, decision: GateDecision) -> str:
+    """The run's and the model version's description (markdown): what it knows, from which data,
+    how well, and what the gate decided."""
+    champion = evaluation.get("champion") or {}
+    rows = "\n".join(f"| {task} | {acc:.3f} | {'' if task not in champion else f'{champion[task]:.3f}'} |"
+                      for task, acc in evaluation["candidate"].items())
+    verdict = "promoted to champion" if decision.passed else "rejected: " + "; ".join(decision.reasons)
+    return (f"## moecl version {version}\n\nTrained tasks this run: {', '.join(evaluation['trained_tasks']) or 'none'}; "
+            f"parent champion: {evaluation['parent_champion'] or 'none'}.\n\n| task | accuracy | champion's |\n|---|---|---|\n"
+            f"{rows}\n\nAA {evaluation['candidate_aa']:.3f}"
+            + (f" (champion {evaluation['champion_aa']:.3f})" if evaluation.get("champion_aa") is not None else "")
+            + f". Gate: {verdict}.")
+
+
 @_timed
 def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
             thresholds: dict) -> dict:
@@ -317,6 +374,11 @@ def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evalu
                                         f"pipeline run {run_id}", "passed the gate")
         except registry.StaleChampion as err:
             decision = GateDecision(False, [str(err)])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_params(flat_params(asdict(GateThresholds(**thresholds)), "gate."))
+    card = model_card(version, evaluation, decision)
+    client.set_tag(run_id, "mlflow.note.content", card)
+    client.update_model_version(model_name, version, description=card)
     if decision.passed:
         client.set_model_version_tag(model_name, version, "moecl.promotion", "promoted")
         _end_run(tracking_uri, run_id, "promoted")

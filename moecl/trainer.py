@@ -78,6 +78,7 @@ class Progress:
     baseline: list[float] | None = None
     routing_accuracy: dict[str, float] | None = None
     training: list[dict] = field(default_factory=list)  # per stage: its name, steps and mean step stats
+    curve: list[dict] = field(default_factory=list)  # per optimizer step: stage, step, lr and its stats
 
 
 def load_tasks(cfg: Config) -> list[TaskData]:
@@ -364,6 +365,8 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value
+                self.progress.curve.append({"stage": name, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                            **{k: round(v, 6) for k, v in stats.items()}})
                 if step % LOG_EVERY == 0 or step == steps:
                     log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
         bar.close()

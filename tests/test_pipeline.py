@@ -71,6 +71,17 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
         assert f"champion_accuracy.{task}" in run.data.metrics
     version = MlflowClient(tracking_uri).get_model_version("moecl", "2")
     assert version.tags["parent_champion_version"] == "1" and version.tags["method"] == "moecl"
+    # What a data scientist reviews: every setting, per-step curves, the data version, a model card.
+    params = run.data.params
+    assert len(params) >= 10 and params["train.lr"] == "0.02" and params["lora.r"] == "4"
+    assert params["gate.max_old_task_drop"] == "1.0" and params["adversarial.weight"] == "0.01"
+    losses = MlflowClient(tracking_uri).get_metric_history(second_run, "train.loss")
+    assert len(losses) == 6 * 6 and {"train.disc_loss", "train.disc_acc", "train.lr"} <= set(run.data.metrics)
+    [dataset] = run.inputs.dataset_inputs
+    assert json.loads(dataset.dataset.profile)["num_rows"] == 3  # one row per task: its version and sizes
+    assert {t.key: t.value for t in dataset.tags}["dvc_version"] == run.data.tags[registry.TAG_DATA_VERSION]
+    assert "moecl version 2" in version.description and "Gate: promoted" in version.description
+    assert run.data.tags["mlflow.note.content"] == version.description
     assert set(json.loads(version.tags["task_versions"])) == {"topics", "sentiment", "animals"}
 
     assert launch(project) is None  # no new data: no run

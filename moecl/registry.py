@@ -27,7 +27,9 @@ PREVIOUS = "previous-champion"
 EXPERIMENT = "moecl"
 TAG_DATA_VERSION = "moecl.data_version"
 TAG_OUTCOME = "moecl.outcome"  # validation_failed | promoted | rejected: the version was processed
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "safetensors", "pyyaml", "tqdm", "gguf", "pandas"]
+# moecl itself ships with the model (code_paths), so the model loads in an environment built from these alone.
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.24,<6", "safetensors", "pyyaml", "tqdm", "gguf", "pandas", "matplotlib"]
+MAX_TEXT_CHARS = 20000  # a served text longer than this is refused (the validation step's default bound)
 
 
 def init_store(tracking_uri: str) -> None:
@@ -103,6 +105,21 @@ def fetch(tracking_uri: str, model_name: str, version: str | None, dest: str | P
     return Champion(version, download_checkpoint(tracking_uri, model_name, version, dest), dict(tags))
 
 
+class RowError(MlflowException):
+    """A bad request row, answered as HTTP 400 with just this one line. The scoring server rewrites
+    an error's message to 'Failed to predict data <the whole batch>...', echoing the client's texts
+    into the response (and into logs); this message is set once and kept."""
+
+    @property
+    def message(self) -> str:
+        return self._row_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_row_message"):
+            self._row_message = value
+
+
 class MoeclPyfunc(mlflow.pyfunc.PythonModel):
     """Serves a checkpoint: input rows {text, task (optional)}, output one label per row. Rows
     without a task are routed to one by the model's task-free router."""
@@ -117,7 +134,24 @@ class MoeclPyfunc(mlflow.pyfunc.PythonModel):
 
         tasks = model_input["task"].tolist() if "task" in model_input else [None] * len(model_input)
         tasks = [t if isinstance(t, str) and t else None for t in tasks]  # NaN / None / "" -> route
-        return [label for _, label in answer(self.model, self.prompts, model_input["text"].tolist(), tasks)]
+        texts = model_input["text"].tolist()
+        self._check(texts, tasks)
+        return [label for _, label in answer(self.model, self.prompts, texts, tasks)]
+
+    def _check(self, texts: list, tasks: list) -> None:
+        """A bad row is the client's error: one line naming the row, answered as HTTP 400 when served."""
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        for row, (text, task) in enumerate(zip(texts, tasks)):
+            problem = None
+            if task is not None and task not in self.prompts:
+                problem = f"unknown task '{task}' (this model knows {', '.join(self.prompts)})"
+            elif not isinstance(text, str) or not text.strip():
+                problem = "text is empty"
+            elif len(text) > MAX_TEXT_CHARS:
+                problem = f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}"
+            if problem:
+                raise RowError(f"row {row}: {problem}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | Path, tags: dict[str, str]) -> str:
@@ -135,7 +169,8 @@ def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | 
                                    outputs=Schema([ColSpec("string")]))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},
-                                           signature=signature, pip_requirements=PIP_REQUIREMENTS)
+                                           signature=signature, pip_requirements=PIP_REQUIREMENTS,
+                                           code_paths=[str(Path(__file__).parent)])
         version = str(mlflow.register_model(info.model_uri, model_name).version)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)

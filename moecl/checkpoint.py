@@ -3,6 +3,8 @@
     DIR/checkpoint/manifest.json           backbone, method, config, tasks done, labels, data hashes, R so far
     DIR/checkpoint/adapters/<group>.safetensors   one file per expert (with its gates), 'router'
                                                   (discriminators), heads, 'task-router' (task-free routing)
+    DIR/checkpoint-step/                   the same mid-stage (train.checkpoint_every), plus the optimizer,
+                                           loss-scaler and RNG state, so a killed run resumes within its stage
 
 A new checkpoint is written beside the old one and swapped in by renames, so an interruption
 never leaves a half-written checkpoint and never loses the previous one.
@@ -13,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from .model import ContinualModel
@@ -25,11 +28,15 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
-def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict) -> Path:
+def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict, name: str = CHECKPOINT,
+                    extra: dict[str, object] | None = None) -> Path:
+    """Write DIR/<name> atomically; `extra`: more objects saved with torch.save (e.g. optimizer state)."""
     run_dir = Path(run_dir)
-    final, staging, retired = (run_dir / f"{CHECKPOINT}{s}" for s in ("", ".new", ".old"))
+    final, staging, retired = (run_dir / f"{name}{s}" for s in ("", ".new", ".old"))
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "adapters").mkdir(parents=True)
+    for file, obj in (extra or {}).items():
+        torch.save(obj, staging / file)
     for group, tensors in model.adapter_groups().items():
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / "adapters" / f"{group}.safetensors")
     manifest = {"format_version": FORMAT_VERSION, **manifest}

@@ -93,6 +93,7 @@ class TrainConfig:
     # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling)
     precision: str = "fp32"
     gradient_checkpointing: bool = False  # recompute the backbone's layer activations in backward
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps within a stage (0: at stage ends only)
 
 
 @dataclass
@@ -216,6 +217,7 @@ def _check(cfg: Config, source: str) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length must be >= 16"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from .task_router import text_features
 
 log = logging.getLogger("moecl")
 LOG_EVERY = 10
+STEP_CHECKPOINT = "checkpoint-step"
+TRAINER_STATE = "trainer_state.pt"
 STATS = ("loss", "distill", "disc_loss", "disc_acc", "shared_drift", "ortho")
 
 
@@ -116,6 +119,7 @@ class Trainer:
         self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
+        self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
@@ -327,6 +331,43 @@ class Trainer:
         totals = world.sum(totals)
         return {key: totals[i] for i, key in enumerate(STATS) if totals[len(STATS) + i]}
 
+    def _batches(self, examples: list[Example], memory: list[MemoryRow], rng: random.Random):
+        """The stage's (rows, memory rows) per optimizer step, in an order fixed by the stage's seed."""
+        size, per_batch = self.cfg.train.batch_size, self.cfg.memory.per_batch
+        for _ in range(self.cfg.train.epochs):
+            rng.shuffle(examples)
+            for start in range(0, len(examples), size):
+                yield examples[start:start + size], (rng.sample(memory, min(per_batch, len(memory))) if memory else [])
+
+    def _save_within_stage(self, index: int, step: int, totals: dict, optimizer, scaler) -> None:
+        """A mid-stage checkpoint: adapters, optimizer, loss scaler and RNG state after `step` steps."""
+        if self.world.main:
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            manifest = {**self._manifest(), "step_state": {"stage_index": index, "step": step, "totals": totals}}
+            save_checkpoint(self.model, self.run_dir, manifest, STEP_CHECKPOINT, extra={TRAINER_STATE: state})
+        self.world.barrier()
+
+    def _resume_within_stage(self, index: int, optimizer, scaler) -> tuple[int, dict[str, float]]:
+        """(steps done, their stat totals): from this stage's mid-stage checkpoint when resuming, else (0, {})."""
+        folder = self.run_dir / STEP_CHECKPOINT
+        if not self.resuming or not (folder / "manifest.json").is_file():
+            return 0, {}
+        manifest = read_manifest(folder)
+        state = manifest["step_state"]
+        if state["stage_index"] != index or manifest["tasks"] != self.model.tasks:
+            return 0, {}
+        load_adapters(self.model, manifest)
+        saved = torch.load(folder / TRAINER_STATE, weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.progress.curve = manifest["progress"]["curve"]
+        log.info("resuming stage %d after step %d", index + 1, state["step"])
+        return state["step"], state["totals"]
+
     def train_stage(self, stage: list[TaskData], past: list[TaskData], index: int) -> None:
         cfg, model = self.cfg, self.model
         rng = random.Random(cfg.train.seed * 1000 + index)
@@ -342,33 +383,31 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.train.precision == "fp16")
         name = "+".join(t.name for t in stage)
-        size = cfg.train.batch_size
-        steps = cfg.train.epochs * ((len(examples) + size - 1) // size)
+        steps = cfg.train.epochs * ((len(examples) + cfg.train.batch_size - 1) // cfg.train.batch_size)
         model.train()
-        bar = tqdm(total=steps, desc=f"train {name}", leave=False, disable=not self.world.main)
-        step = 0
-        totals: dict[str, float] = {}
-        for _ in range(cfg.train.epochs):
-            rng.shuffle(examples)
-            for start in range(0, len(examples), size):
-                rows = examples[start:start + size]
-                memory_rows = rng.sample(memory, min(cfg.memory.per_batch, len(memory))) if memory else []
-                optimizer.zero_grad(set_to_none=True)
-                stats = self._accumulate(step_loss, scaler, rows, memory_rows, stage[-1].name, anchor)
-                if cfg.train.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                self.progress.curve.append({"stage": name, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                            **{k: round(v, 6) for k, v in stats.items()}})
-                if step % LOG_EVERY == 0 or step == steps:
-                    log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+        step, totals = self._resume_within_stage(index, optimizer, scaler)
+        bar = tqdm(total=steps, initial=step, desc=f"train {name}", leave=False, disable=not self.world.main)
+        for number, (rows, memory_rows) in enumerate(self._batches(examples, memory, rng), start=1):
+            if number <= step:
+                continue  # a resumed stage replays the data order up to where it stopped
+            optimizer.zero_grad(set_to_none=True)
+            stats = self._accumulate(step_loss, scaler, rows, memory_rows, stage[-1].name, anchor)
+            if cfg.train.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            self.progress.curve.append({"stage": name, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                        **{k: round(v, 6) for k, v in stats.items()}})
+            if step % LOG_EVERY == 0 or step == steps:
+                log.info("task=%s step=%d/%d %s", name, step, steps, " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < steps:
+                self._save_within_stage(index, step, totals, optimizer, scaler)
         bar.close()
         model.eval()
         self.progress.training.append({"stage": name, "steps": steps, **{k: v / steps for k, v in totals.items()}})
@@ -438,6 +477,7 @@ class Trainer:
         if has_checkpoint and not resume:
             raise ResumeError(f"{self.run_dir} already holds a checkpoint: pass --resume to continue it, or use a new --out")
         first = self._restore(plan) if resume and has_checkpoint else 0
+        self.resuming = resume
         return self._run_plan(plan[first:])
 
     def extend(self, manifest: dict, plan: list[list[TaskData]] | None = None) -> dict:
@@ -480,6 +520,7 @@ class Trainer:
                      " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row) if a is not None))
             if self.world.main:
                 save_checkpoint(model, self.run_dir, self._manifest())
+                shutil.rmtree(self.run_dir / STEP_CHECKPOINT, ignore_errors=True)  # the stage is whole now
             self.world.barrier()  # no process reads ahead of a checkpoint that is still being written
         return self._finish(time.time() - started)
 

@@ -103,6 +103,9 @@ class EvalConfig:
     forward_transfer: bool = False
     every_stage: bool = True  # False: only the stage's own tasks after each stage, every task after the last
     routing: bool = True  # report task-free routing accuracy per task on the test sets
+    # The business metric (pipeline evaluation): the share of a task's items answered automatically
+    # with at least this precision, the most confident (largest label margin) first
+    automation_precision: float = 0.95
 
 
 @dataclass
@@ -221,6 +224,7 @@ def _check(cfg: Config, source: str) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length must be >= 16"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (0 < cfg.eval.automation_precision <= 1, "eval.automation_precision must be in (0, 1]"),
         (cfg.memory.per_task >= 0 and cfg.memory.per_batch >= 0, "memory sizes must be >= 0"),
         (cfg.adversarial.weight >= 0, "adversarial.weight must be >= 0"),
         (cfg.retention.distill >= 0 and cfg.retention.shared_l2 >= 0, "retention weights must be >= 0"),

@@ -19,6 +19,9 @@ class GateThresholds:
     significance: float = 0.05  # ... with McNemar's one-sided p-value below this
     max_aa_drop: float = 0.05  # candidate AA may sit at most this far below the champion's AA
     min_eval_examples: int = 40  # fewer test examples of a task than this: no decision, no promotion
+    # every task must let at least this share of its items be answered automatically at the
+    # evaluation's precision target (eval.automation_precision); 0 turns the rule off
+    min_automation: float = 0.0
 
 
 @dataclass
@@ -41,11 +44,16 @@ def _accuracy(correct: list[bool]) -> float:
 
 
 def decide(candidate: dict[str, list[bool]], champion: dict[str, list[bool]] | None, trained: list[str],
-           thresholds: GateThresholds) -> GateDecision:
+           thresholds: GateThresholds, automation: dict[str, float] | None = None) -> GateDecision:
     """`candidate`/`champion`: per task, whether each test example was answered right (the same
-    examples in the same order for both); `trained`: the tasks this run added or changed. Without a
-    champion only the size and new-task rules apply."""
+    examples in the same order for both); `trained`: the tasks this run added or changed;
+    `automation`: per task, the candidate's share of items decidable alone. Without a champion only
+    the size, new-task and automation rules apply."""
     reasons = []
+    for task, share in (automation or {}).items():
+        if share < thresholds.min_automation:
+            reasons.append(f"task {task}: {share:.3f} of items can be decided automatically < required "
+                           f"{thresholds.min_automation:.3f}")
     for task, correct in candidate.items():
         if len(correct) < thresholds.min_eval_examples:
             reasons.append(f"task {task}: {len(correct)} test examples < {thresholds.min_eval_examples} needed to judge it")

@@ -97,3 +97,17 @@ def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def automation_coverage(margins: list[float], correct: list[bool], precision: float) -> tuple[float, float]:
+    """The paper's business metric: the largest share of items that can be answered automatically
+    with at least `precision` of them right, taking the most confident first (by label margin).
+    Returns (coverage, the margin an answer needs). The threshold is read off the same examples it
+    is reported on, so it is an optimistic estimate of what a fresh sample would give."""
+    ranked = sorted(zip(margins, correct), key=lambda pair: -pair[0])
+    best, threshold, right = 0, float("inf"), 0
+    for count, (margin, ok) in enumerate(ranked, start=1):
+        right += ok
+        if right / count >= precision:
+            best, threshold = count, margin
+    return (best / len(ranked) if ranked else 0.0), threshold

@@ -29,8 +29,8 @@ from .distributed import torchrun
 from .experts import SHARED
 from .gate import GateDecision, GateThresholds, decide
 from .lifecycle import heartbeating
-from .metrics import plot_heatmap, summarise
-from .scoring import predict
+from .metrics import automation_coverage, plot_heatmap, summarise
+from .scoring import label_scores, margins
 from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .validation import ValidationRules, validate_task
 from .versioning import DataVersion, ListingError, materialize, task_versions
@@ -278,16 +278,18 @@ def _log_curve(curve: list[dict]) -> None:
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
-def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> dict[str, list[bool]]:
-    """Per task, whether each test example (the same ones for every model) is answered right."""
+def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> tuple[dict, dict]:
+    """Per task, whether each test example (the same ones for every model) is answered right, and
+    how sure each answer is (the label margin)."""
     model, prompts, _ = load_model(checkpoint)
-    result = {}
+    correct, sure = {}, {}
     for task in tasks:
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
-        predicted = predict(model, prompts[task], [e.text for e in examples], settings.eval.batch_size, progress=True)
-        result[task] = [p == e.label for p, e in zip(predicted, examples)]
-    return result
+        scores = label_scores(model, prompts[task], [e.text for e in examples], settings.eval.batch_size, progress=True)
+        correct[task] = [p == e.label for p, e in zip(scores.argmax(-1).tolist(), examples)]
+        sure[task] = margins(scores)
+    return correct, sure
 
 
 def _mean(correct: dict[str, list[bool]]) -> dict[str, float]:
@@ -302,15 +304,18 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     manifest = read_manifest(candidate_dir)
     tasks = manifest["tasks"]
     cfg = run_config(settings, dataset, tasks)
-    candidate_correct = _answers(candidate_dir, dataset, tasks, cfg)
+    candidate_correct, candidate_margins = _answers(candidate_dir, dataset, tasks, cfg)
     with tempfile.TemporaryDirectory() as scratch:
         best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
-        champion_correct = _answers(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg) if best else None
+        champion_correct = _answers(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg)[0] if best else None
     candidate, champion = _mean(candidate_correct), champion_correct and _mean(champion_correct)
+    automation = {t: automation_coverage(candidate_margins[t], candidate_correct[t], cfg.eval.automation_precision)[0]
+                  for t in tasks}
     matrix = manifest["progress"]["matrix"]
     summary = summarise(tasks, matrix)
     evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
                   "candidate_correct": candidate_correct, "champion_correct": champion_correct,
+                  "automation": automation, "automation_precision": cfg.eval.automation_precision,
                   "champion": champion, "champion_version": best.version if best else None,
                   "champion_aa": sum(champion.values()) / len(champion) if champion else None,
                   "trained_tasks": train_summary["changed_tasks"] + train_summary["new_tasks"],
@@ -320,6 +325,7 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_metrics({"aa": evaluation["candidate_aa"], **({"bwt": summary["bwt"]} if summary["bwt"] is not None else {})})
         mlflow.log_metrics({f"accuracy.{t}": a for t, a in candidate.items()})
+        mlflow.log_metrics({f"automation.{t}": a for t, a in automation.items()})  # share decided alone at the precision
         # The newest task cannot have forgotten anything yet: logged as 0 so every task has a series.
         mlflow.log_metrics({f"forgetting.{t}": summary["forgetting"].get(t, 0.0) for t in tasks})
         if champion:
@@ -364,7 +370,7 @@ def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evalu
             thresholds: dict) -> dict:
     """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""
     decision = decide(evaluation["candidate_correct"], evaluation["champion_correct"], evaluation["trained_tasks"],
-                      GateThresholds(**thresholds))
+                      GateThresholds(**thresholds), evaluation["automation"])
     client = registry.connect(tracking_uri)
     previous = None
     if decision.passed:

@@ -61,12 +61,27 @@ def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answe
 def predict(model: ContinualModel, prompt: TaskPrompt, texts: list[str], batch_size: int,
             progress: bool = False) -> list[int]:
     """Predicted label index per text for the prompt's task."""
+    return label_scores(model, prompt, texts, batch_size, progress).argmax(-1).tolist()
+
+
+def margins(scores: torch.Tensor) -> list[float]:
+    """Per row, how far the best label's score is ahead of the runner-up's: how sure the answer is."""
+    if scores.shape[-1] < 2:
+        return [float("inf")] * scores.shape[0]
+    top = scores.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
+@torch.no_grad()
+def label_scores(model: ContinualModel, prompt: TaskPrompt, texts: list[str], batch_size: int,
+                 progress: bool = False) -> torch.Tensor:
+    """(texts, labels) scores for the prompt's task: label log-likelihoods (LM head) or logits."""
     was_training = model.training
     model.eval()
     task = prompt.task
     # Keep (prompts x labels) rows per continuation call bounded, whatever the label count.
     step = max(1, batch_size if model.head == "classifier" else (batch_size * 4) // len(prompt.answers))
-    predictions: list[int] = []
+    scores: list[torch.Tensor] = []
     try:
         for start in tqdm(range(0, len(texts), step), desc=f"eval {task}", disable=not progress, leave=False):
             chunk = [prompt.prompt(t) for t in texts[start:start + step]]
@@ -74,13 +89,13 @@ def predict(model: ContinualModel, prompt: TaskPrompt, texts: list[str], batch_s
             with model.autocast():
                 if model.head == "classifier":
                     ids, mask = _pad(chunk, model.tokenizer.pad_token_id, left=False, device=model.device)
-                    scores = model.class_logits(ids, mask, task)
+                    batch_scores = model.class_logits(ids, mask, task)
                 else:
-                    scores = label_log_likelihoods(model, chunk, prompt.answers)
-            predictions.extend(scores.argmax(-1).tolist())
+                    batch_scores = label_log_likelihoods(model, chunk, prompt.answers)
+            scores.append(batch_scores.float().cpu())
     finally:
         model.train(was_training)
-    return predictions
+    return torch.cat(scores) if scores else torch.empty(0, len(prompt.labels))
 
 
 def accuracy(model: ContinualModel, prompt: TaskPrompt, examples: list[Example], batch_size: int,

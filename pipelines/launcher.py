@@ -157,14 +157,14 @@ def step_memory(parameters: float, precision: str) -> dict[str, str]:
     return {"memory_request": f"{math.ceil(weights + 6)}Gi", "memory_limit": f"{math.ceil(1.5 * weights + 8)}Gi"}
 
 
-def cluster_settings() -> tuple[dict, dict]:
-    """(GPU step settings, TrainJob settings) of the cluster: GPU steps sized for the production
-    backbone in its precision; a TrainJob runs the pipeline's own image."""
+def cluster_settings() -> tuple[dict, dict, dict]:
+    """(GPU step settings, TrainJob settings, Secrets per step) of the cluster: GPU steps sized for
+    the production backbone in its precision; a TrainJob runs the pipeline's own image."""
     cluster = yaml.safe_load(CLUSTER.read_text())
     production = PipelineSettings.from_configmap(PRODUCTION_SETTINGS)
     precision = production.training.get("train", {}).get("precision", "fp32")
     gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision)}
-    return gpu, {"image": cluster["image"], **cluster["train_job"]}
+    return gpu, {"image": cluster["image"], **cluster["train_job"]}, cluster["step_secrets"]
 
 
 def cluster_pipeline():

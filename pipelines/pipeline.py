@@ -28,10 +28,17 @@ def _on_gpu_pool(task: dsl.PipelineTask, gpu: dict) -> None:
     kubernetes.set_timeout(task, gpu["timeout_seconds"])
 
 
-def build(gpu: "dict | None" = None, train_job: "dict | None" = None):
+def _with_secrets(tasks: dict[str, dsl.PipelineTask], step_secrets: dict) -> None:
+    """Give steps the Secrets they read as environment variables (`all`: every step)."""
+    for step, task in tasks.items():
+        for secret, keys in {**step_secrets.get("all", {}), **step_secrets.get(step, {})}.items():
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys})
+
+
+def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secrets: "dict | None" = None):
     """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool. With a
     `train_job` of several nodes, training runs as a Kubeflow TrainJob and the train step only
-    submits it and waits (so it needs no GPU itself)."""
+    submits it and waits (so it needs no GPU itself). `step_secrets`: Secrets per step (cluster)."""
     multi_node = (train_job or {}).get("nodes", 1) > 1
     train_job_default = json.dumps(train_job or {})
 
@@ -64,5 +71,10 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None):
                 if not multi_node:
                     _on_gpu_pool(trained, gpu)
                 _on_gpu_pool(evaluated, gpu)
+            if step_secrets:
+                _with_secrets({"validate-data": validated, "train": trained, "evaluate": evaluated,
+                               "register": registered, "promote": promoted}, step_secrets)
+        if step_secrets:
+            _with_secrets({"finalize": closing}, step_secrets)
 
     return continual_training

@@ -49,7 +49,7 @@ def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
     from pipelines.launcher import cluster_settings
 
     _, (spec, platform) = _compiled(tmp_path)
-    gpu, _ = cluster_settings()
+    gpu, _, _ = cluster_settings()
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("train", "evaluate"):
         resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]

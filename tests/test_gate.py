@@ -34,3 +34,21 @@ def test_a_task_with_too_few_test_examples_blocks_promotion():
     assert not decision.passed and decision.reasons == ["task new: 20 test examples < 40 needed to judge it"]
     assert not decide({"new": _answers(10, 40)}, None, ["new"], GATE).passed  # 0.25 < 0.5 on a new task
     assert decide({"new": _answers(30, 40)}, None, ["new"], GATE).passed
+
+
+def test_the_automation_share_is_the_largest_confident_prefix_at_the_precision_target():
+    from moecl.metrics import automation_coverage
+
+    margins = [5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1, 0.0]
+    correct = [True, True, True, True, False, True, False, False]
+    assert automation_coverage(margins, correct, 1.0) == (0.5, 2.0)  # the 4 surest are all right
+    assert automation_coverage(margins, correct, 0.8) == (0.75, 0.5)  # 5 of the 6 surest: 0.83
+    assert automation_coverage(margins[::-1], correct[::-1], 1.0) == (0.5, 2.0)  # order of input does not matter
+    assert automation_coverage([1.0, 2.0], [False, False], 0.9) == (0.0, float("inf"))
+
+
+def test_the_automation_share_can_be_a_gate_rule():
+    rule = GateThresholds(min_new_task_accuracy=0.0, min_eval_examples=0, min_automation=0.6)
+    decision = decide({"new": _answers(30, 40)}, None, ["new"], rule, automation={"new": 0.4})
+    assert not decision.passed and "0.400 of items can be decided automatically < required 0.600" in decision.reasons[0]
+    assert decide({"new": _answers(30, 40)}, None, ["new"], rule, automation={"new": 0.7}).passed

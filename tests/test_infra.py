@@ -497,7 +497,7 @@ def test_moecl_image_and_user_match_cluster_yaml_and_dockerfile(kdir):
 
 def test_cluster_yaml_shape_and_types():
     config = cluster()
-    assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job"}
+    assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job", "step_secrets"}
     from moecl.trainjob import TrainJobSettings
 
     job = TrainJobSettings.from_dict(config["train_job"])  # every key is a setting the train step reads
@@ -692,3 +692,44 @@ def test_gpu_steps_have_the_memory_to_load_the_production_backbone():
     assert quantity(gpu["shm_size"]) < quantity(memory["memory_limit"])
     fp32 = step_memory(float(gpu["backbone_parameters"]), "fp32")
     assert quantity(fp32["memory_limit"]) > quantity(memory["memory_limit"])  # sized by precision, too
+
+
+@KDIRS
+def test_mlflow_requires_sign_in_and_only_expected_peers_reach_it_and_its_database(kdir):
+    objects, _ = rendered(kdir)
+    (server,) = named(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    config = env_value(server, "MLFLOW_AUTH_CONFIG_PATH", objects)
+    [mount] = [m for m in server["volumeMounts"] if config.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in named(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "mlflow-auth"  # admin password and auth database: a Secret
+    (trigger,) = named(objects, "CronJob", "moecl-trigger")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in trigger["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs["MLFLOW_TRACKING_USERNAME"] == refs["MLFLOW_TRACKING_PASSWORD"] == "moecl-mlflow-client"
+    database = named(objects, "NetworkPolicy", "mlflow-postgres")["spec"]
+    assert database["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow-postgres"}
+    [allowed] = database["ingress"]
+    assert allowed["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+    [rule] = named(objects, "NetworkPolicy", "mlflow")["spec"]["ingress"]
+    [peers] = rule["from"]
+    assert peers["namespaceSelector"]["matchExpressions"][0]["values"] == ["moecl", "kubeflow"]
+    templates = {d["metadata"]["name"] for d in load_docs(SECRETS_TEMPLATE)}
+    assert {"mlflow-auth", "moecl-mlflow-client", "moecl-dvc", "moecl-hf-token"} <= templates
+
+
+def test_pipeline_steps_read_their_credentials_from_secrets(tmp_path):
+    from pipelines.__main__ import compile_pipeline
+
+    _, platform = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml").read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    def secrets(step: str) -> dict[str, set[str]]:
+        return {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in executors[f"exec-{step}"]["secretAsEnv"]}
+
+    mlflow = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    for step in ("validate-data", "train", "evaluate", "register", "promote", "finalize"):
+        assert secrets(step)["moecl-mlflow-client"] == mlflow, step
+    dvc = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert secrets("validate-data")["moecl-dvc"] == dvc and secrets("train")["moecl-dvc"] == dvc
+    assert "moecl-dvc" not in secrets("register")  # a step gets only the credentials it uses

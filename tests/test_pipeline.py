@@ -69,6 +69,7 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
         assert f"forgetting.{task}" in run.data.metrics and f"accuracy.{task}" in run.data.metrics
     for task in ("topics", "sentiment"):
         assert f"champion_accuracy.{task}" in run.data.metrics
+    assert all(0.0 <= run.data.metrics[f"automation.{t}"] <= 1.0 for t in ("topics", "sentiment", "animals"))
     version = MlflowClient(tracking_uri).get_model_version("moecl", "2")
     assert version.tags["parent_champion_version"] == "1" and version.tags["method"] == "moecl"
     # What a data scientist reviews: every setting, per-step curves, the data version, a model card.

@@ -126,8 +126,8 @@ def test_multi_node_training_takes_the_train_step_off_the_gpu_pool(tmp_path):
     from kfp import compiler
 
     out = tmp_path / "pipeline.yaml"
-    gpu, job = cluster_settings()
-    compiler.Compiler().compile(build(gpu, {**job, "nodes": 4}), str(out))
+    gpu, job, secrets = cluster_settings()
+    compiler.Compiler().compile(build(gpu, {**job, "nodes": 4}, secrets), str(out))
     spec, _ = yaml.safe_load_all(out.read_text())
     executors = spec["deploymentSpec"]["executors"]
     assert "accelerator" not in executors["exec-train"]["container"].get("resources", {})

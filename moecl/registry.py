@@ -29,6 +29,11 @@ TAG_DATA_VERSION = "moecl.data_version"
 TAG_OUTCOME = "moecl.outcome"  # validation_failed | promoted | rejected: the version was processed
 # moecl itself ships with the model (code_paths), so the model loads in an environment built from these alone.
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.24,<6", "safetensors", "pyyaml", "tqdm", "gguf", "pandas", "matplotlib"]
+# A tracking server that is down fails a call after a bounded wait (4 retries, backoff 1, 2, 4, 8 s)
+# rather than MLflow's default 7 retries with factor 2 (about 4 minutes); a deployment may set its own.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+    os.environ.setdefault(_name, _value)
 MAX_TEXT_CHARS = 20000  # a served text longer than this is refused (the validation step's default bound)
 
 

@@ -59,6 +59,9 @@ def _timed(step):
     return wrapper
 
 
+TRAINING_STATE = "training-state"  # the run's artifact folder holding the train step's checkpoints
+
+
 class ValidationFailed(RuntimeError):
     """The data version broke a validation rule; the message names the file, rows and rule."""
 
@@ -157,11 +160,28 @@ def plan_tasks(versions: dict[str, str], best: registry.Champion | None) -> tupl
     return known + new, new, changed
 
 
+def _fetch_training_state(tracking_uri: str, run_id: str, run_dir: Path) -> bool:
+    """Bring back what an earlier attempt of this run's train step saved (its stage and mid-stage
+    checkpoints, kept in the run's artifacts); whether there was any."""
+    if not registry.connect(tracking_uri).list_artifacts(run_id, TRAINING_STATE):
+        return False
+    fetched = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TRAINING_STATE,
+                                                  dst_path=str(run_dir.parent / "fetched"), tracking_uri=tracking_uri)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.move(fetched, run_dir)
+    return True
+
+
 def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, settings: dict, dataset: Path,
-                     versions: dict[str, str], scratch: Path, processes: int = 1) -> tuple[Path, dict]:
+                     versions: dict[str, str], scratch: Path, processes: int = 1, run_id: str | None = None,
+                     ) -> tuple[Path, dict]:
     """Continue the champion (or start fresh) with the version's new and changed tasks, in this
     process (in every process of a job when torchrun started this one) or, with `processes` > 1,
-    in that many torchrun processes. Returns the candidate's checkpoint and the training summary."""
+    in that many torchrun processes. Returns the candidate's checkpoint and the training summary.
+
+    With `run_id` (one process), every checkpoint is also kept in the run's artifacts, and a
+    retried step resumes from them: finished stages are not trained again, an interrupted one
+    continues from its last mid-stage checkpoint."""
     from .trainer import Trainer
 
     best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
@@ -171,8 +191,15 @@ def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, se
     if processes > 1:
         metrics = torchrun(cfg.to_dict(), run_dir, processes, start)
     else:
+        resumed = run_id is not None and _fetch_training_state(tracking_uri, run_id, run_dir)
+        if resumed and (run_dir / "checkpoint" / "manifest.json").is_file():
+            start = run_dir / "checkpoint"  # this run's own stages so far, on top of the champion
         trainer = Trainer(cfg, run_dir)
-        metrics = trainer.extend(read_manifest(start)) if start else trainer.run()
+        trainer.resuming = resumed
+        if run_id is not None:
+            client = registry.connect(tracking_uri)
+            trainer.on_checkpoint = lambda folder: client.log_artifacts(run_id, str(folder), f"{TRAINING_STATE}/{folder.name}")
+        metrics = trainer.extend(read_manifest(start)) if start else trainer.run(resume=resumed)
     summary = {"new_tasks": new, "changed_tasks": changed, "parent_champion": best.version if best else None,
                "train_seconds": metrics["train_seconds"]}
     return run_dir / "checkpoint", summary
@@ -240,7 +267,7 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
         with tempfile.TemporaryDirectory() as scratch:
             checkpoint, summary = _train_candidate(tracking_uri, model_name, parent_version, settings, Path(dataset_dir),
                                                    json.loads(task_versions_json), Path(scratch),
-                                                   processes=torch.cuda.device_count())
+                                                   processes=torch.cuda.device_count(), run_id=run_id)
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.copytree(checkpoint, model_dir)
     with mlflow.start_run(run_id=run_id):

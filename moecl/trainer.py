@@ -11,6 +11,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,7 @@ class Trainer:
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
+        self.on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint written (rank 0)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
@@ -345,7 +347,9 @@ class Trainer:
             state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
             manifest = {**self._manifest(), "step_state": {"stage_index": index, "step": step, "totals": totals}}
-            save_checkpoint(self.model, self.run_dir, manifest, STEP_CHECKPOINT, extra={TRAINER_STATE: state})
+            folder = save_checkpoint(self.model, self.run_dir, manifest, STEP_CHECKPOINT, extra={TRAINER_STATE: state})
+            if self.on_checkpoint:
+                self.on_checkpoint(folder)
         self.world.barrier()
 
     def _resume_within_stage(self, index: int, optimizer, scaler) -> tuple[int, dict[str, float]]:
@@ -519,8 +523,10 @@ class Trainer:
             log.info("after %s: %s", "+".join(names),
                      " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row) if a is not None))
             if self.world.main:
-                save_checkpoint(model, self.run_dir, self._manifest())
+                folder = save_checkpoint(model, self.run_dir, self._manifest())
                 shutil.rmtree(self.run_dir / STEP_CHECKPOINT, ignore_errors=True)  # the stage is whole now
+                if self.on_checkpoint:
+                    self.on_checkpoint(folder)
             self.world.barrier()  # no process reads ahead of a checkpoint that is still being written
         return self._finish(time.time() - started)
 

@@ -22,8 +22,9 @@ from .conftest import write_config
 ODD_BATCHES = {"train": {"batch_size": 17, "epochs": 2, "lr": 0.01, "max_length": 96, "seed": 3}}
 
 
-def _adapters(run: Path) -> dict[str, torch.Tensor]:
-    folder = run / "checkpoint" / "adapters"
+def _adapters(run: Path, folder: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Every adapter tensor of a run folder's checkpoint (or, with folder="", of a checkpoint folder)."""
+    folder = run / folder / "adapters"
     return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 

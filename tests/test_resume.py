@@ -51,7 +51,57 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_result(tmp_path, ta
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert resumed["training"] == json.loads(json.dumps(whole["training"]))
     first, second = _adapters(tmp_path / "whole"), _adapters(tmp_path / "killed")
-    assert first.keys() == second.keys()
+    assert first and first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert not (tmp_path / "killed" / STEP_CHECKPOINT).exists()  # the finished stage superseded it
+
+
+def test_a_retried_train_step_resumes_from_the_checkpoints_kept_in_the_run(tmp_path, monkeypatch):
+    """What a KFP retry on a fresh pod does: nothing survives locally, the run's artifacts do."""
+    from moecl import lifecycle, pipeline_steps
+    from moecl.checkpoint import read_manifest
+    from moecl.versioning import init_project, materialize, snapshot, task_versions
+
+    from .conftest import write_task
+
+    project = init_project(tmp_path / "project", tmp_path / "remote")
+    write_task(project / "data" / "topics", ["sports", "science", "politics"])
+    write_task(project / "data" / "sentiment", ["bad", "good"], salt="review ")
+    version = snapshot(project)
+    dataset = materialize(version, tmp_path / "dataset")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                "train": {"epochs": 3, "batch_size": 2, "lr": 0.01, "max_length": 96, "seed": 1, "checkpoint_every": 3}}
+    versions = json.dumps(task_versions(version))
+
+    def train(run_id, out):
+        return pipeline_steps.train(tracking_uri, "moecl", "", run_id, settings, str(dataset), versions, str(out))
+
+    reference, _ = lifecycle.claim(tracking_uri, "0" * 32, lifecycle.Policy(), str(tmp_path / "artifacts"))
+    train(reference, tmp_path / "reference")
+
+    run_id, _ = lifecycle.claim(tracking_uri, version.hash, lifecycle.Policy())
+    save = Trainer._save_within_stage
+
+    def save_then_die(self, index, *args):
+        save(self, index, *args)
+        if index == 1:
+            raise RuntimeError("node lost")  # mid-way through the second stage, after a mid-stage checkpoint
+    monkeypatch.setattr(Trainer, "_save_within_stage", save_then_die)
+    try:
+        train(run_id, tmp_path / "first-attempt")
+        raise AssertionError("the first attempt should have died")
+    except RuntimeError as err:
+        assert "node lost" in str(err)
+    monkeypatch.undo()
+
+    trained = []
+    stage = Trainer.train_stage
+    monkeypatch.setattr(Trainer, "train_stage", lambda self, s, past, index: trained.append(index) or stage(self, s, past, index))
+    summary = train(run_id, tmp_path / "retry")
+    assert trained == [1]  # the first stage came back from the run's artifacts, not from training
+    assert summary["new_tasks"] == ["sentiment", "topics"]
+    first, second = (_adapters(tmp_path / name, folder="") for name in ("reference", "retry"))  # the step's model folders
+    assert first and first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert read_manifest(tmp_path / "retry")["progress"]["matrix"] == read_manifest(tmp_path / "reference")["progress"]["matrix"]

@@ -8,6 +8,10 @@ diagonal and the last row, all that AA, BWT and FWT need).
 - forgetting[j]: best accuracy task j ever had before the end minus its final accuracy.
 - FWT: mean over j >= 1 of R'[j-1][j] - b[j], where R'[j-1][j] is task j's accuracy just before it
   is trained and b[j] the untrained backbone's accuracy on it.
+
+A task trained again (its data changed) is a later stage of its own: a row of R whose columns are
+still the model's tasks. For it, "just trained" means after its last training, so BWT and forgetting
+count only what the stages after that cost it, and a retraining adds no FWT term.
 """
 from __future__ import annotations
 
@@ -32,40 +36,68 @@ def average_accuracy(matrix: list[list[float]]) -> float:
     return sum(last) / len(last)
 
 
-def backward_transfer(matrix: list[list[float]]) -> float | None:
-    final = matrix[-1]
-    if len(matrix) < 2:
+def _last_trained(tasks: list[str], stages: list[list[str]]) -> dict[str, int]:
+    """Per task, the last stage that trained it."""
+    return {task: i for i, trained in enumerate(stages) for task in trained if task in tasks}
+
+
+def backward_transfer(matrix: list[list[float]], tasks: list[str], stages: list[list[str]]) -> float | None:
+    """Mean over the tasks the last stage did not train of final minus just-trained accuracy, where
+    just-trained is the accuracy after the task's *last* training (a retrained task is measured from
+    its retraining, so BWT only counts what later stages cost it)."""
+    last = _last_trained(tasks, stages)
+    final_stage = len(matrix) - 1
+    earlier = [(j, last[t]) for j, t in enumerate(tasks) if last.get(t, final_stage) < final_stage]
+    if not earlier:
         return None
-    return sum(final[j] - matrix[j][j] for j in range(len(matrix) - 1)) / (len(matrix) - 1)
+    return sum(matrix[-1][j] - matrix[i][j] for j, i in earlier) / len(earlier)
 
 
-def forgetting(matrix: list[list[float]]) -> list[float]:
-    final = matrix[-1]
-    return [max(matrix[i][j] for i in range(j, len(matrix) - 1) if matrix[i][j] is not None) - final[j]
-            for j in range(len(matrix) - 1)]
+def forgetting(matrix: list[list[float]], tasks: list[str], stages: list[list[str]]) -> dict[str, float]:
+    """Per task the last stage did not train: its best accuracy from its last training until before
+    the end, minus its final accuracy."""
+    last = _last_trained(tasks, stages)
+    final_stage = len(matrix) - 1
+    return {t: max(matrix[i][j] for i in range(last[t], final_stage) if matrix[i][j] is not None) - matrix[-1][j]
+            for j, t in enumerate(tasks) if last.get(t, final_stage) < final_stage}
 
 
-def forward_transfer(before_training: list[float], baseline: list[float]) -> float | None:
-    """`before_training[j]`: task j's accuracy right before it was trained; `baseline[j]`: untrained."""
-    pairs = list(zip(before_training, baseline))[1:]
-    if not pairs:
-        return None
-    return sum(b - z for b, z in pairs) / len(pairs)
+def forward_transfer(before_training: list[float], baseline: list[float], tasks: list[str],
+                     stages: list[list[str]]) -> float | None:
+    """Over the stages that introduce a task after the first (a retraining is no transfer):
+    accuracy just before training minus the untrained backbone's, on that task."""
+    seen, pairs = set(), []
+    for i, trained in enumerate(stages):
+        new = [t for t in trained if t not in seen]
+        if i > 0 and len(new) == 1 and i < len(before_training):
+            pairs.append(before_training[i] - baseline[tasks.index(new[0])])
+        seen.update(trained)
+    return sum(pairs) / len(pairs) if pairs else None
+
+
+def stage_tasks(training: list[dict], matrix: list) -> list[list[str]] | None:
+    """The tasks each row of the accuracy matrix trained, from the trainer's per-stage records."""
+    return [s["stage"].split("+") for s in training] if len(training) == len(matrix) else None
 
 
 def summarise(tasks: list[str], matrix: list[list[float]], before_training: list[float] | None = None,
-              baseline: list[float] | None = None) -> dict:
+              baseline: list[float] | None = None, stages: list[list[str]] | None = None) -> dict:
+    """`stages`: the tasks each row's stage trained (default: one task per stage, in `tasks` order;
+    a task trained again appears in a later stage too)."""
+    stages = stages or [[t] for t in tasks[: len(matrix)]]
+    if len(matrix) == 1 and len(stages[0]) > 1:  # multi-task learning: one stage, no transfer to measure
+        stages = [list(tasks)]
     summary = {
         "tasks": tasks,
         "accuracy_matrix": matrix,
         "aa": average_accuracy(matrix),
-        "bwt": backward_transfer(matrix),
-        "forgetting": dict(zip(tasks, forgetting(matrix))),
+        "bwt": backward_transfer(matrix, tasks, stages),
+        "forgetting": forgetting(matrix, tasks, stages),
         "fwt": None,
     }
     if before_training is not None and baseline is not None:
         summary.update(before_training=before_training, baseline=baseline,
-                       fwt=forward_transfer(before_training, baseline))
+                       fwt=forward_transfer(before_training, baseline, tasks, stages))
     return summary
 
 

@@ -29,7 +29,7 @@ from .distributed import torchrun
 from .experts import SHARED
 from .gate import GateDecision, GateThresholds, decide
 from .lifecycle import heartbeating
-from .metrics import automation_coverage, plot_heatmap, summarise
+from .metrics import automation_coverage, plot_heatmap, stage_tasks, summarise
 from .scoring import label_scores, margins
 from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .validation import ValidationRules, validate_task
@@ -339,7 +339,7 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     automation = {t: automation_coverage(candidate_margins[t], candidate_correct[t], cfg.eval.automation_precision)[0]
                   for t in tasks}
     matrix = manifest["progress"]["matrix"]
-    summary = summarise(tasks, matrix)
+    summary = summarise(tasks, matrix, stages=stage_tasks(manifest["progress"]["training"], matrix))
     evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
                   "candidate_correct": candidate_correct, "champion_correct": champion_correct,
                   "automation": automation, "automation_precision": cfg.eval.automation_precision,

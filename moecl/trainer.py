@@ -26,7 +26,7 @@ from .checkpoint import checkpoint_dir, load_adapters, read_manifest, save_check
 from .config import Config
 from .data import Example, TaskData, load_task, per_label
 from .distributed import World, join, process_device
-from .metrics import plot_heatmap, summarise
+from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
 from .scoring import predict
@@ -534,7 +534,7 @@ class Trainer:
         names = list(self.model.tasks)
         progress = self.progress
         fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
-        metrics = summarise(names, progress.matrix, *fwt_inputs)
+        metrics = summarise(names, progress.matrix, *fwt_inputs, stages=stage_tasks(progress.training, progress.matrix))
         metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
                        routing_accuracy=progress.routing_accuracy, training=progress.training,
                        train_seconds=round(seconds, 1))

@@ -33,5 +33,20 @@ def test_mean_and_95_percent_interval_over_seeds():
 
 def test_forgetting_skips_cells_that_were_not_evaluated():
     matrix = [[0.8], [None, 0.6], [0.7, 0.5, 0.9]]
-    assert forgetting(matrix) == pytest.approx([0.1, 0.1])
-    assert backward_transfer(matrix) == pytest.approx((-0.1 - 0.1) / 2)
+    stages = [["a"], ["b"], ["c"]]
+    assert forgetting(matrix, ["a", "b", "c"], stages) == pytest.approx({"a": 0.1, "b": 0.1})
+    assert backward_transfer(matrix, ["a", "b", "c"], stages) == pytest.approx((-0.1 - 0.1) / 2)
+
+
+def test_a_retrained_task_is_measured_from_its_last_training():
+    # Stages: a, b, then a again (its data changed). Columns stay the model's tasks [a, b].
+    matrix = [[0.5], [0.4, 0.8], [0.9, 0.7]]
+    m = summarise(["a", "b"], matrix, before_training=[0.1, 0.2, 0.4], baseline=[0.1, 0.3],
+                  stages=[["a"], ["b"], ["a"]])
+    assert m["aa"] == pytest.approx(0.8)
+    assert m["bwt"] == pytest.approx(0.7 - 0.8)  # only b: a was trained by the last stage
+    assert m["forgetting"] == pytest.approx({"b": 0.1})
+    assert m["fwt"] == pytest.approx(0.2 - 0.3)  # b's introduction only; a's retraining is no transfer
+    # b retrained last: a is measured from its only training, b is not measured
+    m = summarise(["a", "b"], [[0.5], [0.4, 0.8], [0.3, 0.9]], stages=[["a"], ["b"], ["b"]])
+    assert m["bwt"] == pytest.approx(0.3 - 0.5) and m["forgetting"] == pytest.approx({"a": 0.2})

@@ -12,7 +12,7 @@ from moecl.cli import main
 from moecl.config import load_config
 from moecl.scoring import label_log_likelihoods, predict
 from moecl.trainer import Trainer
-from tests.conftest import write_config
+from tests.conftest import write_config, write_task
 
 
 def _adapters(run_dir, group: str) -> dict[str, torch.Tensor]:
@@ -203,3 +203,19 @@ def test_a_task_trained_again_reads_the_live_shared_expert_then_a_new_snapshot(t
     assert all(torch.equal(t, live[k.replace("shared@topics", "shared")]) for k, t in snapshot.items())  # re-taken
     old = _adapters(tmp_path / "run", "expert-shared")
     assert any(not torch.equal(old[k], live[k]) for k in live)  # the live expert trained on topics again
+
+
+def test_retraining_a_changed_task_reports_transfer_from_its_retraining(tmp_path, task_dirs):
+    """A task whose data changed is trained again as a stage of its own: the accuracy matrix gains
+    a row, BWT and forgetting measure the other tasks from their last training, and the heatmap
+    names the stage."""
+    _train(tmp_path, task_dirs, train={"epochs": 1})
+    write_task(task_dirs["topics"], ["sports", "science", "politics"], per_label=(7, 3))  # one more row per label
+    cfg = load_config(write_config(tmp_path / "again.yaml", task_dirs, train={"epochs": 1}))
+    metrics = Trainer(cfg, tmp_path / "again").extend(read_manifest(tmp_path / "run"))  # the plan: changed tasks
+    assert [s["stage"] for s in metrics["training"]] == ["topics", "sentiment", "animals", "topics"]
+    matrix = metrics["accuracy_matrix"]
+    assert len(matrix) == 4 and len(matrix[-1]) == 3
+    expected = ((matrix[3][1] - matrix[1][1]) + (matrix[3][2] - matrix[2][2])) / 2  # topics was trained last
+    assert metrics["bwt"] == pytest.approx(expected) and set(metrics["forgetting"]) == {"sentiment", "animals"}
+    assert (tmp_path / "again" / "heatmap.png").is_file()

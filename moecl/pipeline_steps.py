@@ -144,8 +144,9 @@ def _log_dataset(version: DataVersion, versions: dict[str, str], dataset: Path) 
 
     rows = []
     for task, digest in sorted(versions.items()):
-        counts = {split: sum(1 for line in (dataset / task / f"{split}.jsonl").open() if line.strip())
-                  if (dataset / task / f"{split}.jsonl").is_file() else 0 for split in ("train", "test")}
+        files = {split: dataset / task / f"{split}.jsonl" for split in ("train", "test")}
+        counts = {split: sum(1 for line in path.open("rb") if line.strip()) if path.is_file() else 0  # bytes: bad data too
+                  for split, path in files.items()}
         rows.append({"task": task, "task_version": digest, **counts})
     table = mlflow.data.from_pandas(pd.DataFrame(rows), source=version.remote, name=f"data-{version.short}",
                                     digest=version.hash[:36])
@@ -397,7 +398,7 @@ def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evalu
             thresholds: dict) -> dict:
     """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""
     decision = decide(evaluation["candidate_correct"], evaluation["champion_correct"], evaluation["trained_tasks"],
-                      GateThresholds(**thresholds), evaluation["automation"])
+                      GateThresholds(**thresholds), evaluation.get("automation"))
     client = registry.connect(tracking_uri)
     previous = None
     if decision.passed:

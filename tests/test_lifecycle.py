@@ -147,6 +147,7 @@ def test_a_stale_candidate_cannot_move_the_champion(tmp_path):
     assert len(MlflowClient(tracking_uri).search_model_versions("name='moecl'")) == 3  # one per run, retries included
 
     evaluation = {"candidate_correct": {"t": [True] * 45 + [False] * 5}, "champion_correct": {"t": [True] * 40 + [False] * 10},
+                  "candidate": {"t": 0.9}, "champion": {"t": 0.8}, "candidate_aa": 0.9, "champion_aa": 0.8,
                   "trained_tasks": ["t"], "parent_champion": versions[0]}
     run_id, _ = lifecycle.claim(tracking_uri, "9" * 32, Policy())
     decision = pipeline_steps.promote(tracking_uri, "moecl", run_id, versions[2], evaluation, {})

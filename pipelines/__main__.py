@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("moecl").setLevel(logging.INFO)  # third-party libraries: warnings only, unless --verbose
+    if not args.verbose:
+        for name in ("mlflow", "dvc"):  # they set their own loggers to INFO on import
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # The display names are for the cluster's UI; the local runner says it ignores them, every run.
+        warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     handlers = {"trigger": _trigger, "watch": _trigger, "status": _status, "rollback": _rollback}
     try:
         if args.command == "compile":

@@ -116,7 +116,9 @@ def plot_heatmap(tasks: list[str], matrix: list[list[float]], path: Path, title:
     fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 0.9 * len(matrix) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    stages = stages or (tasks[: len(matrix)] if len(matrix) > 1 else ["all"])
+    if not stages:
+        stages = (["all"] if len(matrix) == 1 else tasks[: len(matrix)] if len(matrix) <= len(tasks)
+                  else [f"stage {i}" for i in range(1, len(matrix) + 1)])  # a task trained again, unnamed
     ax.set_yticks(range(len(matrix)), [f"after {name}" for name in stages])
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):

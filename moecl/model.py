@@ -110,6 +110,17 @@ class ContinualModel(nn.Module):
             hidden = self.backbone.get_input_embeddings().embedding_dim
             self.heads[name] = nn.Linear(hidden, len(labels)).to(self.device)
 
+    def relabel(self, name: str, labels: list[str]) -> None:
+        """A known task's label set changed (allowed by the validation settings): its answers are
+        the new names from now on, and a classifier head, whose rows are positions, starts afresh.
+        Its expert keeps what it learned about the task's inputs."""
+        if self.labels[name] == list(labels):
+            return
+        self.labels[name] = list(labels)
+        if self.head == "classifier":
+            hidden = self.backbone.get_input_embeddings().embedding_dim
+            self.heads[name] = nn.Linear(hidden, len(labels)).to(self.device)
+
     def snapshot_shared(self, task: str) -> None:
         """From now on `task` reads a frozen copy of the shared expert as it is now: later tasks'
         training of the shared expert can no longer change its answers."""

@@ -315,7 +315,8 @@ def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
         scores = label_scores(model, prompts[task], [e.text for e in examples], settings.eval.batch_size, progress=True)
-        correct[task] = [p == e.label for p, e in zip(scores.argmax(-1).tolist(), examples)]
+        answers = prompts[task].labels  # by name: a champion may know an older label set of the task
+        correct[task] = [answers[p] == data.labels[e.label] for p, e in zip(scores.argmax(-1).tolist(), examples)]
         sure[task] = margins(scores)
     return correct, sure
 
@@ -340,7 +341,8 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     automation = {t: automation_coverage(candidate_margins[t], candidate_correct[t], cfg.eval.automation_precision)[0]
                   for t in tasks}
     matrix = manifest["progress"]["matrix"]
-    summary = summarise(tasks, matrix, stages=stage_tasks(manifest["progress"]["training"], matrix))
+    stages = stage_tasks(manifest["progress"]["training"], matrix)
+    summary = summarise(tasks, matrix, stages=stages)
     evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
                   "candidate_correct": candidate_correct, "champion_correct": champion_correct,
                   "automation": automation, "automation_precision": cfg.eval.automation_precision,
@@ -360,7 +362,7 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
             mlflow.log_metrics({f"champion_accuracy.{t}": a for t, a in champion.items()})
             mlflow.log_metric("champion_aa", evaluation["champion_aa"])
         heatmap = Path(scratch) / "accuracy_matrix.png"
-        plot_heatmap(tasks, matrix, heatmap, "accuracy after each stage")
+        plot_heatmap(tasks, matrix, heatmap, "accuracy after each stage", stages and ["+".join(s) for s in stages])
         mlflow.log_artifact(str(heatmap), "evaluation")
         mlflow.log_dict(evaluation, "evaluation/evaluation.json")
     return evaluation

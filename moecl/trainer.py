@@ -486,7 +486,8 @@ class Trainer:
 
     def extend(self, manifest: dict, plan: list[list[TaskData]] | None = None) -> dict:
         """Continue a trained model (e.g. the registry's champion) with more stages: new tasks get
-        their own expert; a task it already knows continues training its existing expert. Without
+        their own expert; a task it already knows continues training its existing expert (with its
+        new label set, when the validation settings let that change). Without
         a plan: every task of the config that the model lacks or whose data changed since, in
         config order."""
         missing = [t for t in manifest["tasks"] if t not in self.task_data]
@@ -494,6 +495,8 @@ class Trainer:
             raise ResumeError(f"{manifest['path']}: the model knows tasks {missing} that the config does not list")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._load(manifest)
+        for name in manifest["tasks"]:  # a label set the validation settings let change
+            self.model.relabel(name, self.task_data[name].labels)
         if plan is None:
             known = manifest["data_hashes"]
             plan = [[t] for t in self.tasks if known.get(t.name) != t.version]

@@ -51,6 +51,10 @@ class ValidationRules:
     min_rows_per_label_test: int = 4
     min_text_chars: int = 1
     max_text_chars: int = 20000
+    # A known task's label set may change (labels added, removed or reordered): the task is then
+    # retrained with the new set and the champion is scored on its names. Off by default, because
+    # every consumer of the served labels sees the change.
+    allow_label_change: bool = False
 
 
 @dataclass
@@ -109,7 +113,8 @@ def validate_task(
     """Validate a task folder.
 
     ``expected_labels`` is this task's label list in the current champion model (None for a
-    new task); ``labels.json`` must then list exactly the same names in the same order.
+    new task); ``labels.json`` must then list exactly the same names in the same order, unless
+    ``rules.allow_label_change``.
     """
     task_dir = Path(task_dir)
     paths = {name: task_dir / name for name in (LABELS_FILE, TRAIN_FILE, TEST_FILE)}
@@ -118,7 +123,7 @@ def validate_task(
         return _report(task_dir, failures, {})
 
     labels, failures = _read_labels(paths[LABELS_FILE])
-    if labels is not None and expected_labels is not None:
+    if labels is not None and expected_labels is not None and not rules.allow_label_change:
         failures += _check_label_set(paths[LABELS_FILE], labels, list(expected_labels))
     frames = {}
     for split, name in SPLIT_FILES.items():

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from moecl import lifecycle, pipeline_steps, registry
+from moecl.checkpoint import load_model, read_manifest
 from moecl.config import config_from_dict
+from moecl.data import load_task, per_label
+from moecl.scoring import predict
 from moecl.trainer import Trainer
 from moecl.versioning import DataVersion, _object_path, init_project, snapshot, task_versions
 
@@ -119,17 +122,17 @@ def champion(tmp_path_factory):
     shutil.copytree(project / "data", root / "good")
     version = snapshot(project)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = config_from_dict({"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                            "train": {"epochs": 1, "batch_size": 8, "max_length": 64}, "eval": {"routing": False},
-                            "router": {"fit_per_task": 0},
-                            "tasks": [{"name": t, "data": str(project / "data" / t)} for t in ("topics", "sentiment")]})
+    settings = {"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "train": {"epochs": 1, "batch_size": 8, "max_length": 64}, "eval": {"routing": False},
+                "router": {"fit_per_task": 0}}
+    cfg = config_from_dict({**settings, "tasks": [{"name": t, "data": str(project / "data" / t)} for t in ("topics", "sentiment")]})
     Trainer(cfg, root / "run").run()
     run_id, _ = lifecycle.claim(tracking_uri, version.hash, lifecycle.Policy(), str(root / "artifacts"))
     registered = registry.register(tracking_uri, "moecl", run_id, root / "run" / "checkpoint",
                                    {"task_versions": json.dumps(task_versions(version))})
     registry.promote(tracking_uri, "moecl", registered, None, "test", "good data")
     pipeline_steps._end_run(tracking_uri, run_id, "promoted")
-    return {"project": project, "good": root / "good", "tracking_uri": tracking_uri, "root": root}
+    return {"project": project, "good": root / "good", "tracking_uri": tracking_uri, "root": root, "settings": settings}
 
 
 def _registry_state(tracking_uri: str):
@@ -182,3 +185,37 @@ def test_an_altered_listing_is_refused(champion, tmp_path):
     honest = json.dumps([{"md5": "0" * 32, "relpath": "topics/train.jsonl"}]).encode()
     altered = json.dumps([{"md5": "1" * 32, "relpath": "topics/train.jsonl"}]).encode()
     _refused(champion, _listing(champion, honest, stored=altered), ("was altered",), tmp_path)
+
+
+def test_a_changed_label_set_is_retrained_when_the_settings_allow_it(champion, tmp_path):
+    """'politics' becomes 'economy': validation lets it through, the candidate retrains the task with
+    the new names, and the champion, which only knows the old set, is scored on names, not positions."""
+    data = champion["project"] / "data"
+    shutil.rmtree(data)
+    shutil.copytree(champion["good"], data)
+    (data / "topics" / "labels.json").write_text(json.dumps(["sports", "science", "economy"]))
+    for split in ("train", "test"):
+        rows = _lines(data / "topics" / f"{split}.jsonl")
+        _write(data / "topics" / f"{split}.jsonl",
+               [{**r, "label": "economy" if r["label"] == "politics" else r["label"]} for r in rows])
+    version = snapshot(champion["project"])
+    tracking_uri = champion["tracking_uri"]
+    _, parent = _registry_state(tracking_uri)
+    run_id, _ = lifecycle.claim(tracking_uri, version.hash, lifecycle.Policy())
+    versions = pipeline_steps.validate(tracking_uri, "moecl", parent, run_id, version.remote, version.hash,
+                                       {**RULES, "allow_label_change": True}, str(tmp_path / "dataset"))
+    summary = pipeline_steps.train(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
+                                   versions, str(tmp_path / "model"))
+    assert summary["changed_tasks"] == ["topics"] and summary["new_tasks"] == []
+    manifest = read_manifest(tmp_path / "model")
+    assert manifest["labels"]["topics"] == ["sports", "science", "economy"]
+    evaluation = pipeline_steps.evaluate(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
+                                         str(tmp_path / "model"), summary, str(tmp_path / "evaluation.json"))
+    # The champion can never say 'economy'; what it gets right on the other labels still counts.
+    test = [e for e in per_label(load_task("topics", tmp_path / "dataset" / "topics").test, None, 0)]
+    economy = [i for i, e in enumerate(test) if e.label == 2]
+    assert economy and not any(evaluation["champion_correct"]["topics"][i] for i in economy)
+    model, prompts, _ = load_model(champion["root"] / "run" / "checkpoint")
+    said = predict(model, prompts["topics"], [e.text for e in test], 8)
+    expected = [prompts["topics"].labels[p] == ["sports", "science", "economy"][e.label] for p, e in zip(said, test)]
+    assert evaluation["champion_correct"]["topics"] == expected and any(expected)

@@ -1,7 +1,7 @@
 """Continual-learning metrics against a matrix computed by hand."""
 import pytest
 
-from moecl.metrics import backward_transfer, forgetting, mean_ci, summarise
+from moecl.metrics import backward_transfer, forgetting, mean_ci, plot_heatmap, summarise
 
 R = [
     [0.90],
@@ -50,3 +50,8 @@ def test_a_retrained_task_is_measured_from_its_last_training():
     # b retrained last: a is measured from its only training, b is not measured
     m = summarise(["a", "b"], [[0.5], [0.4, 0.8], [0.3, 0.9]], stages=[["a"], ["b"], ["b"]])
     assert m["bwt"] == pytest.approx(0.3 - 0.5) and m["forgetting"] == pytest.approx({"a": 0.2})
+
+
+def test_a_heatmap_with_more_stages_than_tasks_needs_no_stage_names(tmp_path):
+    plot_heatmap(["a", "b"], [[0.5], [0.4, 0.9], [0.7, 0.8]], tmp_path / "h.png", "retrained")
+    assert (tmp_path / "h.png").stat().st_size > 0

@@ -219,3 +219,16 @@ def test_retraining_a_changed_task_reports_transfer_from_its_retraining(tmp_path
     expected = ((matrix[3][1] - matrix[1][1]) + (matrix[3][2] - matrix[2][2])) / 2  # topics was trained last
     assert metrics["bwt"] == pytest.approx(expected) and set(metrics["forgetting"]) == {"sentiment", "animals"}
     assert (tmp_path / "again" / "heatmap.png").is_file()
+
+
+def test_a_task_with_a_changed_label_set_is_retrained_with_a_new_classifier_head(tmp_path, task_dirs):
+    _train(tmp_path, task_dirs, head="classifier", train={"epochs": 1})
+    write_task(task_dirs["topics"], ["sports", "science", "politics", "economy"])
+    cfg = load_config(write_config(tmp_path / "again.yaml", task_dirs, head="classifier", train={"epochs": 1}))
+    trainer = Trainer(cfg, tmp_path / "again")
+    trainer.extend(read_manifest(tmp_path / "run"))
+    assert [s["stage"] for s in trainer.progress.training][-1] == "topics"
+    assert trainer.model.heads["topics"].out_features == 4 and trainer.model.heads["sentiment"].out_features == 2
+    model, prompts, manifest = load_model(tmp_path / "again" / "checkpoint")
+    assert manifest["labels"]["topics"] == prompts["topics"].labels == ["sports", "science", "politics", "economy"]
+    assert model.heads["topics"].out_features == 4

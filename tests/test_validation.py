@@ -279,6 +279,12 @@ def test_changed_label_set(tmp_path, expected, detail_end):
     assert failure.detail.endswith(detail_end)
 
 
+def test_a_changed_label_set_passes_when_the_rules_allow_it(tmp_path):
+    task = write_task(tmp_path)
+    assert not validate_task(task, expected_labels=["A", "C"]).success
+    assert validate_task(task, ValidationRules(allow_label_change=True), expected_labels=["A", "C"]).success
+
+
 def test_unchanged_label_set_passes(tmp_path):
     assert validate_task(write_task(tmp_path), expected_labels=["A", "B"]).success
 

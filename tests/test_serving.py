@@ -2,10 +2,12 @@
 tasks, rows without a task (routed), and bad rows refused with a short 400."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -26,7 +28,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def registered(tmp_path_factory) -> tuple[Path, str]:
+    """(folder, tracking URI) of a registry whose champion is a tiny model trained on two tasks."""
     root = tmp_path_factory.mktemp("serving")
     data = {"topics": write_task(root / "data" / "topics", ["sports", "science", "politics"]),
             "sentiment": write_task(root / "data" / "sentiment", ["bad", "good"], salt="review ")}
@@ -38,6 +41,12 @@ def server(tmp_path_factory):
     run_id, _ = lifecycle.claim(tracking_uri, "f" * 32, lifecycle.Policy(), str(root / "artifacts"))
     version = registry.register(tracking_uri, "moecl", run_id, root / "run" / "checkpoint", {})
     registry.promote(tracking_uri, "moecl", version, None, "test", "serving")
+    return root, tracking_uri
+
+
+@pytest.fixture(scope="module")
+def server(registered):
+    root, tracking_uri = registered
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # uvicorn
@@ -89,3 +98,32 @@ def test_a_bad_row_gets_a_one_line_400(server, row, message):
     assert response.status_code == 400
     body = response.json()
     assert body["message"] == message and "Traceback" not in response.text
+
+
+# Site-packages without their .pth files: the editable install's import hook is not run, so moecl
+# can come only from the code the registered model ships.
+ISOLATED = """
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("moecl") is None, "moecl is importable before the model is loaded"
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/moecl@champion")
+rows = pd.DataFrame({"task": ["topics", "sentiment"], "text": ["sports sports", "review good"]})
+answers = list(model.predict(rows))
+print(json.dumps([str(answer) for answer in answers]))
+import moecl
+print(moecl.__file__)
+"""
+
+
+def test_the_registered_model_loads_where_moecl_is_not_installed(registered, tmp_path):
+    root, tracking_uri = registered
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", ISOLATED, sysconfig.get_paths()["purelib"]], cwd=tmp_path,
+                          env={**env, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers, origin = done.stdout.strip().splitlines()[-2:]
+    topics, sentiment = json.loads(answers)
+    assert topics in ("sports", "science", "politics") and sentiment in ("bad", "good")
+    assert "code" in Path(origin).parts and not origin.startswith(str(Path(__file__).parents[1] / "moecl"))

@@ -2,7 +2,8 @@
 
 In LM mode every label string is ranked by its log-likelihood after the prompt. The prompt is
 encoded once per example; its key/value cache is then shared by all of the task's labels, which
-are scored together in one batched continuation.
+are scored together in one batched continuation. A batch may mix tasks: each row is read through
+its own task's experts and continued with its own task's labels.
 """
 from __future__ import annotations
 
@@ -28,33 +29,41 @@ def _pad(rows: list[list[int]], value: int, left: bool, device) -> tuple[torch.T
 
 
 @torch.no_grad()
-def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-    """(len(prompts), len(answers)) summed log-probabilities of each answer after each prompt."""
+def answer_log_likelihoods(model: ContinualModel, prompts: list[list[int]], tasks: list[str],
+                           answers: list[list[list[int]]]) -> list[torch.Tensor]:
+    """Per prompt, the summed log-probabilities of each of its own answers (`answers[i]` after
+    `prompts[i]`), each prompt read through the experts of its task: prompts of several tasks, with
+    label sets of any sizes, share one forward and one batched continuation."""
     backbone, device = model.backbone, model.device
     pad = model.tokenizer.pad_token_id
+    model.route(tasks)
     ids, mask = _pad(prompts, pad, left=True, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    answer_ids, answer_mask = _pad(answers, pad, left=False, device=device)
-    scores = F.log_softmax(out.logits[:, -1].float(), dim=-1)[:, answer_ids[:, 0]]  # first answer token
-    if answer_ids.shape[1] == 1:
-        return scores
-    n_prompts, n_answers = len(prompts), len(answers)
-    cache = out.cache
-    cache.batch_repeat_interleave(n_answers)  # row p * n_answers + a continues prompt p with answer a
-    inputs = answer_ids[:, :-1].repeat(n_prompts, 1)
-    inputs_mask = answer_mask[:, 1:].repeat(n_prompts, 1)
-    lengths = mask.sum(-1).repeat_interleave(n_answers)
-    cont = backbone(
-        input_ids=inputs,
-        attention_mask=torch.cat([mask.repeat_interleave(n_answers, 0), inputs_mask], dim=1),
-        position_ids=lengths[:, None] + torch.arange(inputs.shape[1], device=device),
-        cache=cache,
-    )
-    targets = answer_ids[:, 1:].repeat(n_prompts, 1)
-    token_lp = F.log_softmax(cont.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    rest = (token_lp * inputs_mask).sum(-1).view(n_prompts, n_answers)
-    return scores + rest
+    counts = [len(row) for row in answers]
+    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(counts, device=device))
+    answer_ids, answer_mask = _pad([a for row in answers for a in row], pad, left=False, device=device)
+    scores = F.log_softmax(out.logits[:, -1].float(), dim=-1)[owner, answer_ids[:, 0]]  # first answer token
+    if answer_ids.shape[1] > 1:
+        cache = out.cache
+        cache.batch_select_indices(owner)  # continuation row r extends prompt owner[r] with its answer
+        model.route([tasks[i] for i in owner.tolist()])
+        inputs, inputs_mask = answer_ids[:, :-1], answer_mask[:, 1:]
+        cont = backbone(
+            input_ids=inputs,
+            attention_mask=torch.cat([mask[owner], inputs_mask], dim=1),
+            position_ids=mask.sum(-1)[owner, None] + torch.arange(inputs.shape[1], device=device),
+            cache=cache,
+        )
+        token_lp = F.log_softmax(cont.logits.float(), dim=-1).gather(-1, answer_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores = scores + (token_lp * inputs_mask).sum(-1)
+    return list(scores.split(counts))
+
+
+def label_log_likelihoods(model: ContinualModel, prompts: list[list[int]], answers: list[list[int]],
+                          task: str) -> torch.Tensor:
+    """(len(prompts), len(answers)) summed log-probabilities of each of one task's answers after each prompt."""
+    return torch.stack(answer_log_likelihoods(model, prompts, [task] * len(prompts), [answers] * len(prompts)))
 
 
 @torch.no_grad()
@@ -85,13 +94,13 @@ def label_scores(model: ContinualModel, prompt: TaskPrompt, texts: list[str], ba
     try:
         for start in tqdm(range(0, len(texts), step), desc=f"eval {task}", disable=not progress, leave=False):
             chunk = [prompt.prompt(t) for t in texts[start:start + step]]
-            model.route([task] * len(chunk))
             with model.autocast():
                 if model.head == "classifier":
+                    model.route([task] * len(chunk))
                     ids, mask = _pad(chunk, model.tokenizer.pad_token_id, left=False, device=model.device)
                     batch_scores = model.class_logits(ids, mask, task)
                 else:
-                    batch_scores = label_log_likelihoods(model, chunk, prompt.answers)
+                    batch_scores = label_log_likelihoods(model, chunk, prompt.answers, task)
             scores.append(batch_scores.float().cpu())
     finally:
         model.train(was_training)
@@ -107,7 +116,8 @@ def accuracy(model: ContinualModel, prompt: TaskPrompt, examples: list[Example],
 def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[str], tasks: list[str | None],
            batch_size: int = 8) -> list[tuple[str, str]]:
     """(task, label) per text. A text without a task (None or "") is routed to one by the model's
-    task-free router first; then each task's texts are scored together against its labels."""
+    task-free router first; then every text is scored against its task's labels, texts of several
+    tasks in one batch."""
     unknown = sorted({t for t in tasks if t and t not in prompts})
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; this model knows {sorted(prompts)}")
@@ -118,10 +128,39 @@ def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[st
         routed = model.task_router.predict(text_features(model, [texts[i] for i in untold], budget, batch_size))
         for i, task in zip(untold, routed):
             tasks[i] = task
-    result: list[tuple[str, str]] = [("", "")] * len(texts)
-    for task in dict.fromkeys(tasks):
-        rows = [i for i, t in enumerate(tasks) if t == task]
-        prompt = prompts[task]
-        for i, index in zip(rows, predict(model, prompt, [texts[i] for i in rows], batch_size)):
-            result[i] = (task, prompt.labels[index])
-    return result
+    scores = row_label_scores(model, prompts, texts, tasks, batch_size)
+    return [(task, prompts[task].labels[int(row.argmax())]) for task, row in zip(tasks, scores)]
+
+
+@torch.no_grad()
+def row_label_scores(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[str], tasks: list[str],
+                     batch_size: int) -> list[torch.Tensor]:
+    """Per text, the scores of its task's labels. In LM mode, texts of different tasks are scored
+    together, in the given order, about `4 * batch_size` (text, label) pairs per forward; a
+    classifier head reads one task at a time."""
+    if model.head == "classifier":
+        result: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            for i, row in zip(rows, label_scores(model, prompts[task], [texts[i] for i in rows], batch_size)):
+                result[i] = row
+        return result
+    chunks, chunk, pairs = [], [], 0
+    for i, task in enumerate(tasks):
+        if chunk and pairs + len(prompts[task].answers) > 4 * batch_size:
+            chunks.append(chunk)
+            chunk, pairs = [], 0
+        chunk.append(i)
+        pairs += len(prompts[task].answers)
+    chunks += [chunk] if chunk else []
+    was_training = model.training
+    model.eval()
+    scores: list[torch.Tensor] = []
+    try:
+        for rows in chunks:
+            with model.autocast():
+                scores += answer_log_likelihoods(model, [prompts[tasks[i]].prompt(texts[i]) for i in rows],
+                                                 [tasks[i] for i in rows], [prompts[tasks[i]].answers for i in rows])
+    finally:
+        model.train(was_training)
+    return [row.cpu() for row in scores]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moecl.prompts import TaskPrompt
-from moecl.scoring import label_log_likelihoods, predict
+from moecl.scoring import answer, label_log_likelihoods, predict, row_label_scores
 
 
 def _brute_force(model, prompt_ids: list[int], answer: list[int]) -> float:
@@ -16,24 +16,44 @@ def _brute_force(model, prompt_ids: list[int], answer: list[int]) -> float:
     return log_probs.gather(-1, torch.tensor(answer)[:, None]).sum().item()
 
 
-def test_cached_label_scoring_equals_per_label_forward(tiny_model):
+def _model_with_experts(tiny_model, tasks: dict[str, list[str]]):
     model = tiny_model("moecl")
-    labels = ["World", "Sports", "Science or Technology", "very negative"]
-    model.add_task("news", labels)
+    for task, labels in tasks.items():
+        model.add_task(task, labels)
     with torch.no_grad():  # non-zero experts, so the routing matters too
         for name, param in model.named_parameters():
             if ".experts." in name or ".gates." in name:
                 param.normal_(0, 0.2)
     model.eval()
+    return model
+
+
+def test_cached_label_scoring_equals_per_label_forward(tiny_model):
+    labels = ["World", "Sports", "Science or Technology", "very negative"]
+    model = _model_with_experts(tiny_model, {"news": labels})
     prompt = TaskPrompt(model.tokenizer, "news", labels, max_length=64)
     texts = ["short one", "a much longer text that takes many more tokens than the first one does", "mid size text"]
     prompts = [prompt.prompt(t) for t in texts]
-    model.route(["news"] * len(texts))
-    fast = label_log_likelihoods(model, prompts, prompt.answers)
+    fast = label_log_likelihoods(model, prompts, prompt.answers, "news")
     slow = torch.tensor([[_brute_force(model, p, a) for a in prompt.answers] for p in prompts])
     assert fast.shape == (3, 4)
     assert torch.allclose(fast, slow, atol=1e-4), (fast, slow)
     assert predict(model, prompt, texts, batch_size=2) == slow.argmax(-1).tolist()
+
+
+def test_a_batch_mixing_tasks_scores_each_row_as_its_task_alone(tiny_model):
+    """Rows of two tasks with label sets of different sizes in one forward: each row's scores are
+    those of its task scored on its own (its experts, its labels)."""
+    tasks = {"news": ["World", "Sports", "Science or Technology"], "mood": ["very negative", "positive"]}
+    model = _model_with_experts(tiny_model, tasks)
+    prompts = {t: TaskPrompt(model.tokenizer, t, labels, max_length=64) for t, labels in tasks.items()}
+    texts = ["short one", "a much longer text that takes many more tokens", "mid size text", "ok", "fine then"]
+    row_tasks = ["news", "mood", "mood", "news", "mood"]
+    mixed = row_label_scores(model, prompts, texts, row_tasks, batch_size=2)  # 8 (text, label) pairs per forward
+    for text, task, scores in zip(texts, row_tasks, mixed):
+        alone = label_log_likelihoods(model, [prompts[task].prompt(text)], prompts[task].answers, task)[0]
+        assert scores.shape == (len(tasks[task]),) and torch.allclose(scores, alone, atol=1e-4), (task, scores, alone)
+    assert answer(model, prompts, texts, row_tasks) == [(t, tasks[t][int(s.argmax())]) for t, s in zip(row_tasks, mixed)]
 
 
 def test_prompt_truncates_only_the_text(tiny_model):

@@ -171,8 +171,7 @@ def test_distillation_targets_are_the_models_own_answers_before_the_stage(tmp_pa
 def _old_task_scores(run_dir) -> torch.Tensor:
     model, prompts, _ = load_model(run_dir)
     texts = ["this one is about sports golf", "science science", "politics and more"]
-    model.route(["topics"] * len(texts))
-    return label_log_likelihoods(model, [prompts["topics"].prompt(t) for t in texts], prompts["topics"].answers)
+    return label_log_likelihoods(model, [prompts["topics"].prompt(t) for t in texts], prompts["topics"].answers, "topics")
 
 
 @pytest.mark.parametrize("shared", ["snapshot", "live"])

@@ -1,0 +1,106 @@
+"""Screenshots of the MLflow UI for a pipeline workdir (the demo's, by default), as a data scientist
+and a release owner see it: the runs, the champion's run (params, dataset input, description), its
+per-step curves, its artifacts, and the registered model with its aliases and model card.
+
+Starts `mlflow server` on the workdir's store on loopback and drives headless Chromium with
+Playwright. Needs `pip install -e '.[docs]'` and a Chromium binary (Debian: `apt-get install
+chromium`); nothing is downloaded at run time.
+
+    python scripts/screenshots.py --workdir runs/demo --out docs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from moecl import registry
+
+# Chromium on a machine with a closed network: no background connections, no sandbox as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(workdir: Path, port: int, log: Path) -> subprocess.Popen:
+    tracking_uri = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", tracking_uri,
+                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return process
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        time.sleep(1)
+    raise RuntimeError(f"mlflow server did not answer on port {port} within 120 s")
+
+
+def pages(tracking_uri: str, model_name: str) -> dict[str, str]:
+    """Screenshot name -> UI route (hash routing), for the champion's run and model version."""
+    client = registry.connect(tracking_uri)
+    version = registry.alias_version(tracking_uri, model_name, registry.CHAMPION)
+    if version is None:
+        raise SystemExit(f"{tracking_uri}: no champion of '{model_name}' to show")
+    run_id = client.get_model_version(model_name, version).run_id
+    experiment = client.get_run(run_id).info.experiment_id
+    run = f"#/experiments/{experiment}/runs/{run_id}"
+    return {
+        "1-runs": f"#/experiments/{experiment}",
+        "2-champion-run": run,
+        "3-champion-curves": f"{run}/model-metrics",
+        "4-champion-artifacts": f"{run}/artifacts",
+        "5-registered-model": f"#/models/{model_name}",
+        "6-model-card": f"#/models/{model_name}/versions/{version}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--model-name", default="moecl")
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    parser.add_argument("--settle", type=float, default=6.0, help="seconds a page gets to draw its charts")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    tracking_uri = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
+    routes = pages(tracking_uri, args.model_name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    server = _serve(args.workdir, port, args.workdir / "mlflow-ui.log")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            for name, route in routes.items():
+                page.goto(f"http://127.0.0.1:{port}/{route}", wait_until="networkidle")
+                page.wait_for_timeout(args.settle * 1000)
+                page.screenshot(path=str(args.out / f"{name}.png"), full_page=True)
+                print(f"{args.out / f'{name}.png'}: {route}")
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

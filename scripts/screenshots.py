@@ -53,8 +53,9 @@ def _serve(workdir: Path, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"mlflow server did not answer on port {port} within 120 s")
 
 
-def pages(tracking_uri: str, model_name: str) -> dict[str, str]:
-    """Screenshot name -> UI route (hash routing), for the champion's run and model version."""
+def pages(tracking_uri: str, model_name: str) -> dict[str, tuple[str, str | None]]:
+    """Screenshot name -> (UI route (hash routing), text for the page's chart filter), for the
+    champion's run and model version."""
     client = registry.connect(tracking_uri)
     version = registry.alias_version(tracking_uri, model_name, registry.CHAMPION)
     if version is None:
@@ -63,13 +64,21 @@ def pages(tracking_uri: str, model_name: str) -> dict[str, str]:
     experiment = client.get_run(run_id).info.experiment_id
     run = f"#/experiments/{experiment}/runs/{run_id}"
     return {
-        "1-runs": f"#/experiments/{experiment}",
-        "2-champion-run": run,
-        "3-champion-curves": f"{run}/model-metrics",
-        "4-champion-artifacts": f"{run}/artifacts",
-        "5-registered-model": f"#/models/{model_name}",
-        "6-model-card": f"#/models/{model_name}/versions/{version}",
+        "1-runs": (f"#/experiments/{experiment}/runs", None),
+        "2-champion-run": (run, None),
+        "3-champion-curves": (f"{run}/model-metrics", "train."),  # the per-step training curves
+        "4-champion-artifacts": (f"{run}/artifacts", None),
+        "5-registered-model": (f"#/models/{model_name}", None),
+        "6-model-card": (f"#/models/{model_name}/versions/{version}", None),
     }
+
+
+def _tidy(page) -> None:
+    """The classic (model training) view, without the assistant's side panel."""
+    for control in (page.get_by_role("button", name="Close"), page.get_by_text("Model training", exact=True)):
+        if control.count():
+            control.first.click()
+            page.wait_for_timeout(500)
 
 
 def main() -> None:
@@ -90,9 +99,13 @@ def main() -> None:
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            for name, route in routes.items():
-                page.goto(f"http://127.0.0.1:{port}/{route}", wait_until="networkidle")
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            for name, (route, charts) in routes.items():
+                page.goto(f"http://127.0.0.1:{port}/{route}", wait_until="load", timeout=90_000)
+                page.wait_for_timeout(args.settle * 1000)
+                _tidy(page)
+                if charts:
+                    page.get_by_placeholder("Search metric charts").fill(charts)
                 page.wait_for_timeout(args.settle * 1000)
                 page.screenshot(path=str(args.out / f"{name}.png"), full_page=True)
                 print(f"{args.out / f'{name}.png'}: {route}")

@@ -18,6 +18,7 @@ METHODS = ("moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "m
 HEADS = ("lm", "classifier")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -93,6 +94,9 @@ class TrainConfig:
     # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling)
     precision: str = "fp32"
     gradient_checkpointing: bool = False  # recompute the backbone's layer activations in backward
+    # Several processes: `ddp` keeps a whole backbone in each; `fsdp` shards the frozen backbone's
+    # decoder layers over them (for backbones one device cannot hold), adapters stay replicated.
+    parallel: str = "ddp"
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps within a stage (0: at stage ends only)
 
 
@@ -217,6 +221,7 @@ def _check(cfg: Config, source: str) -> None:
     checks = [
         (cfg.train.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}"),
         (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
+        (cfg.train.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)}"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),

@@ -5,12 +5,14 @@
 Every process builds the same model from the same seeds and walks the same global batches. Each
 computes the loss of its share of a batch, divided by the whole batch's sizes, and DDP sums the
 gradients, so N processes take the steps one process takes. Evaluation is sharded the same way and
-the correct answers are summed. Only rank 0 writes files. Without torchrun's environment this is a
+the correct answers are summed. Only rank 0 writes files. With `train.parallel: fsdp` the frozen
+backbone's layers are sharded over the processes too (`shard_backbone`). Without torchrun's environment this is a
 world of one process and nothing here talks to anyone.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,8 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.tensor import DTensor
 
 from .backbone import resolve_device
+
+log = logging.getLogger("moecl")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,24 @@ class World:
     def shard(self, items: list) -> list:
         """This process's share of a list: every size-th item, from its rank."""
         return items[self.rank::self.size]
+
+    def even_shard(self, items: list) -> tuple[list, int]:
+        """(this process's share, how many of it are real): every process gets the same number of
+        items, the shortfall padded with the list's last item, so that every process runs the same
+        forwards (sharded layers gather their weights from all processes in each forward)."""
+        mine = self.shard(items)
+        width = -(-len(items) // self.size)
+        return mine + items[-1:] * (width - len(mine)), len(mine)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """What DDP does on the last backward: every process's gradients replaced by their mean."""
+        if not self.distributed:
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # a process whose passes left it unused still joins
+            dist.all_reduce(param.grad)
+            param.grad /= self.size
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over every process."""
@@ -69,6 +92,32 @@ def join(device: str) -> World:
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     return world
+
+
+def shard_backbone(model, world: World) -> None:
+    """FSDP over the frozen backbone: each decoder layer's base weights are split over the
+    processes and gathered for its forward and backward only, so a process holds about 1/N of
+    them. Everything moecl adds (experts, gates, discriminators, snapshots, and any added later)
+    stays whole in every process and is averaged like DDP (`average_gradients`); so do the
+    embeddings, tied to the output layer in many models, and the final norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    stack = model.backbone.base_model
+    layers = getattr(stack, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"train.parallel fsdp: {type(stack).__name__} has no `layers` list of decoder layers to shard")
+    mesh = init_device_mesh(model.device.type, (world.size,))
+    in_layers = {id(p) for p in layers.parameters()}
+    ours = {p for m in model.wrapped for n, p in m.named_parameters() if not n.startswith("base.")}
+    ignored = ours | {p for p in stack.parameters() if id(p) not in in_layers}
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params=ignored)
+    fully_shard(stack, mesh=mesh, ignored_params=ignored)  # the root: schedules the layers, owns no weights
+    sharded = [p for p in layers.parameters() if isinstance(p, DTensor)]
+    log.info("fsdp: %d decoder layers sharded over %d processes, %.2fM of their %.2fM base weights held here",
+             len(layers), world.size, sum(p.to_local().numel() for p in sharded) / 1e6,
+             sum(p.numel() for p in sharded) / 1e6)
 
 
 def process_device(device: str, world: World) -> str:

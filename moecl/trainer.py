@@ -25,7 +25,7 @@ from .backbone import load_backbone
 from .checkpoint import checkpoint_dir, load_adapters, read_manifest, save_checkpoint
 from .config import Config
 from .data import Example, TaskData, load_task, per_label
-from .distributed import World, join, process_device
+from .distributed import World, join, process_device, shard_backbone
 from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
@@ -117,6 +117,8 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             # Non-reentrant: the frozen embeddings' outputs need no gradient, and dropout masks are replayed.
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.parallel == "fsdp" and self.world.distributed:
+            shard_backbone(model, self.world)
         self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
@@ -127,10 +129,10 @@ class Trainer:
     def evaluate(self, task: TaskData) -> float:
         """Accuracy on the task's test set; each process scores its share and the hits are summed."""
         examples = self.test_sets[task.name]
-        mine = self.world.shard(examples)
+        mine, real = self.world.even_shard(examples)
         predicted = predict(self.model, self.prompts[task.name], [e.text for e in mine], self.cfg.eval.batch_size,
                             progress=self.world.main)
-        [correct] = self.world.sum([sum(p == e.label for p, e in zip(predicted, mine))])
+        [correct] = self.world.sum([sum(p == e.label for p, e in zip(predicted[:real], mine))])
         return correct / len(examples)
 
     def _baseline(self) -> list[float]:
@@ -295,9 +297,10 @@ class Trainer:
     def _data_parallel(self, stage: list[TaskData]) -> nn.Module:
         """The stage's loss module, wrapped in DDP when torchrun started several processes. Built
         per stage, after the stage's experts exist and the trainable set is fixed; the trainable
-        tensors are broadcast from rank 0, the frozen backbone (the same file everywhere) is not."""
+        tensors are broadcast from rank 0, the frozen backbone (the same file everywhere) is not.
+        Under FSDP it stays unwrapped: `_accumulate` averages the adapters' gradients itself."""
         step_loss = BatchLoss(self.model, self._step_loss)
-        if not self.world.distributed:
+        if not self.world.distributed or self.cfg.train.parallel == "fsdp":
             return step_loss
         frozen = [name for name, param in step_loss.named_parameters() if not param.requires_grad]
         buffers = [name for name, _ in step_loss.named_buffers()]  # e.g. rotary frequencies: computed alike everywhere
@@ -315,21 +318,27 @@ class Trainer:
         mine = world.shard(rows)
         active = min(world.size, len(rows))
         memory = memory_rows[world.rank::active] if mine else []
-        weight = float(world.size)  # DDP averages over processes; each loss is already a share of the batch
-        if not mine:  # fewer rows than processes: take part in the gradient sum, adding nothing
-            mine, weight = rows[:1], 0.0
-        micro = self.cfg.train.micro_batch_size or len(mine)
+        micro = self.cfg.train.micro_batch_size or -(-len(rows) // world.size)
         chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        real = len(chunks)
+        # Every process makes as many passes as the one with the largest share (rank 0's): a process
+        # short of rows passes a row with weight 0, adding nothing to the gradient sum.
+        passes = -(-len(rows[0::world.size]) // micro)
+        chunks += [rows[:1]] * (passes - real)
+        ddp = isinstance(step_loss, DistributedDataParallel)
         totals = [0.0] * (2 * len(STATS))  # sums, then how many passes reported each statistic
         for k, chunk in enumerate(chunks):
-            last = k == len(chunks) - 1
-            with contextlib.nullcontext() if last or not world.distributed else step_loss.no_sync():
-                loss, stats = step_loss(chunk, memory[k::len(chunks)], stage_task, anchor, scale, world.main and k == 0)
+            weight = float(world.size) if k < real else 0.0  # DDP averages over processes
+            with step_loss.no_sync() if ddp and k < passes - 1 else contextlib.nullcontext():
+                loss, stats = step_loss(chunk, memory[k::real] if weight else [], stage_task, anchor, scale,
+                                        world.main and k == 0)
                 scaler.scale(loss * weight).backward()
             for i, key in enumerate(STATS):
                 if key in stats and weight:
                     totals[i] += stats[key]
                     totals[len(STATS) + i] += 1
+        if world.distributed and not ddp:
+            world.average_gradients([p for p in self.model.parameters() if p.requires_grad])
         totals = world.sum(totals)
         return {key: totals[i] for i, key in enumerate(STATS) if totals[len(STATS) + i]}
 
@@ -430,10 +439,10 @@ class Trainer:
         result = {}
         for name in self.model.tasks:
             texts = [e.text for e in self.test_sets[name]]
-            mine = self.world.shard(texts)
+            mine, real = self.world.even_shard(texts)
             routed = self.model.task_router.predict(
-                text_features(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size)) if mine else []
-            [hits] = self.world.sum([sum(r == name for r in routed)])
+                text_features(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size))
+            [hits] = self.world.sum([sum(r == name for r in routed[:real])])
             result[name] = hits / len(texts)
         return result
 

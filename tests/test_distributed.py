@@ -32,10 +32,12 @@ def _assert_same_adapters(a: Path, b: Path) -> None:
     first, second = _adapters(a), _adapters(b)
     assert first.keys() == second.keys()
     for key in first:
-        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
+        # Float sums in another order differ in the last bits; Adam's normalised steps can carry
+        # that to ~1e-5 in a weight whose gradient is near zero.
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-def _train(cfg: Path, out: Path, processes: int) -> dict:
+def _train(cfg: Path, out: Path, processes: int, log: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable] if processes == 1 else [
@@ -43,6 +45,8 @@ def _train(cfg: Path, out: Path, processes: int) -> dict:
     done = subprocess.run([*launcher, "-m", "moecl", "train", str(cfg), "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if log:
+        log.write_text(done.stdout + done.stderr)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -99,3 +103,20 @@ def test_a_model_continued_with_a_config_missing_its_tasks_is_refused(tmp_path, 
     other = write_config(tmp_path / "other.yaml", {"sentiment": task_dirs["sentiment"]})
     with pytest.raises(ResumeError, match="topics"):
         Trainer(load_config(other), tmp_path / "next").extend(read_manifest(tmp_path / "champion"))
+
+
+def test_two_processes_sharding_the_backbone_train_what_one_process_trains(tmp_path, task_dirs):
+    """train.parallel fsdp: the decoder layers' base weights are split over the processes, the
+    adapters replicated; uneven last batches and shares of a test set still give one process's run."""
+    tasks = {k: task_dirs[k] for k in ("topics", "sentiment")}
+    settings = {**ODD_BATCHES, "memory": {"per_task": 6, "per_batch": 3}}
+    one = _train(write_config(tmp_path / "one.yaml", tasks, **settings), tmp_path / "one", 1)
+    sharded = write_config(tmp_path / "fsdp.yaml", tasks, **{**settings, "train": {
+        **ODD_BATCHES["train"], "micro_batch_size": 3, "parallel": "fsdp"}})
+    two = _train(sharded, tmp_path / "fsdp", 2, log=tmp_path / "fsdp.log")
+    assert "decoder layers sharded over 2 processes" in (tmp_path / "fsdp.log").read_text()
+    tests = {"topics": 9, "sentiment": 6}
+    for row_one, row_two in zip(one["accuracy_matrix"], two["accuracy_matrix"]):
+        for task, a, b in zip(tests, row_one, row_two):
+            assert abs(a - b) <= 1 / tests[task] + 1e-9, (task, a, b)
+    _assert_same_adapters(tmp_path / "one", tmp_path / "fsdp")

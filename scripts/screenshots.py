@@ -1,6 +1,7 @@
 """Screenshots of the MLflow UI for a pipeline workdir (the demo's, by default), as a data scientist
 and a release owner see it: the runs, the champion's run (params, dataset input, description), its
-per-step curves, its artifacts, and the registered model with its aliases and model card.
+per-step curves, its accuracy heatmap, the registered model with its aliases, the champion's model
+card and the newest candidate's.
 
 Starts `mlflow server` on the workdir's store on loopback and drives headless Chromium with
 Playwright. Needs `pip install -e '.[docs]'` and a Chromium binary (Debian: `apt-get install
@@ -63,14 +64,18 @@ def pages(tracking_uri: str, model_name: str) -> dict[str, tuple[str, str | None
     run_id = client.get_model_version(model_name, version).run_id
     experiment = client.get_run(run_id).info.experiment_id
     run = f"#/experiments/{experiment}/runs/{run_id}"
-    return {
+    shots = {
         "1-runs": (f"#/experiments/{experiment}/runs", None),
         "2-champion-run": (run, None),
         "3-champion-curves": (f"{run}/model-metrics", "train."),  # the per-step training curves
-        "4-champion-artifacts": (f"{run}/artifacts", None),
+        "4-champion-heatmap": (f"{run}/artifacts/evaluation/accuracy_matrix.png", None),
         "5-registered-model": (f"#/models/{model_name}", None),
         "6-model-card": (f"#/models/{model_name}/versions/{version}", None),
     }
+    latest = max((int(v.version) for v in client.search_model_versions(f"name='{model_name}'")))
+    if str(latest) != version:  # the newest candidate, e.g. one the gate rejected, with its reasons
+        shots[f"7-model-card-v{latest}"] = (f"#/models/{model_name}/versions/{latest}", None)
+    return shots
 
 
 def _tidy(page) -> None:

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +25,12 @@ from moecl import lifecycle, registry
 from moecl.checkpoint import load_model
 from moecl.config import config_from_dict
 from moecl.data import load_task
+from moecl.loopback import start_mlflow, stop
 from moecl.scoring import label_scores, row_label_scores
 from moecl.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
 UNTOLD = 4  # every 4th row comes without a task and is routed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def champion(root: Path, backbone: str) -> str:
@@ -64,27 +55,6 @@ def mixed_rows(tests: dict[str, list], size: int, rng: random.Random) -> list[di
         example = rng.choice(tests[names[i % len(names)]])
         rows.append({"text": example.text, **({} if i % UNTOLD == UNTOLD - 1 else {"task": example.task})})
     return rows
-
-
-def serve(tracking_uri: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/moecl@champion",
-                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).ok:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(1)
-    raise RuntimeError("the server did not answer within 300 s")
 
 
 def invoke(url: str, rows: list[dict]) -> float:
@@ -138,7 +108,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         tracking_uri = champion(root, args.backbone)
-        process, url = serve(tracking_uri, root / "server.log")
+        process, url = start_mlflow(["models", "serve", "-m", "models:/moecl@champion", "--env-manager", "local",
+                                     "--workers", "1"], root / "server.log", "/ping", env={"MLFLOW_TRACKING_URI": tracking_uri})
         try:
             for size in args.batches:
                 invoke(url, mixed_rows(tests, size, rng))  # warm-up
@@ -148,8 +119,7 @@ def main() -> None:
                 results["http"][str(size)] = entry
                 table.append(f"| {size} | {entry['p50_s']:.3f} | {entry['p95_s']:.3f} | {entry['rows_per_s']:.1f} |")
         finally:
-            os.killpg(process.pid, 15)
-            process.wait(timeout=30)
+            stop(process)
         largest = max(args.batches)
         results["in_process"] = {"rows": largest, **in_process(root / "run" / "checkpoint", mixed_rows(tests, largest, rng), 3)}
     print(f"{args.backbone}, {results['threads']} CPU threads; rows mix every task, every {UNTOLD}th routed.\n")

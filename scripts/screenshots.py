@@ -12,46 +12,15 @@ chromium`); nothing is downloaded at run time.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import requests
-
 from moecl import registry
+from moecl.loopback import start_mlflow, stop
 
 # Chromium on a machine with a closed network: no background connections, no sandbox as root.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(workdir: Path, port: int, log: Path) -> subprocess.Popen:
-    tracking_uri = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", tracking_uri,
-                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-        time.sleep(1)
-    raise RuntimeError(f"mlflow server did not answer on port {port} within 120 s")
 
 
 def pages(tracking_uri: str, model_name: str) -> dict[str, tuple[str, str | None]]:
@@ -99,14 +68,14 @@ def main() -> None:
     tracking_uri = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
     routes = pages(tracking_uri, args.model_name)
     args.out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    server = _serve(args.workdir, port, args.workdir / "mlflow-ui.log")
+    server, url = start_mlflow(["server", "--backend-store-uri", tracking_uri, "--workers", "1"],
+                               args.workdir / "mlflow-ui.log", "/health", timeout=120)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
             for name, (route, charts) in routes.items():
-                page.goto(f"http://127.0.0.1:{port}/{route}", wait_until="load", timeout=90_000)
+                page.goto(f"{url}/{route}", wait_until="load", timeout=90_000)
                 page.wait_for_timeout(args.settle * 1000)
                 _tidy(page)
                 if charts:
@@ -116,8 +85,7 @@ def main() -> None:
                 print(f"{args.out / f'{name}.png'}: {route}")
             browser.close()
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop(server)
 
 
 if __name__ == "__main__":

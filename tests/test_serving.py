@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +14,10 @@ import requests
 
 from moecl import lifecycle, registry
 from moecl.config import config_from_dict
+from moecl.loopback import start_mlflow, stop
 from moecl.trainer import Trainer
 
 from .conftest import write_task
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,27 +40,11 @@ def registered(tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def server(registered):
     root, tracking_uri = registered
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # uvicorn
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
-                                "models:/moecl@champion", "--env-manager", "local", "--host", "127.0.0.1",
-                                "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, (root / "server.log").read_text()[-3000:]
-        time.sleep(1)
+    process, url = start_mlflow(["models", "serve", "-m", "models:/moecl@champion", "--env-manager", "local",
+                                 "--workers", "1"], root / "server.log", "/ping",
+                                env={"MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}, timeout=180)
     yield url
-    os.killpg(process.pid, 15)
-    process.wait(timeout=30)
+    stop(process)
 
 
 def _invoke(url: str, rows: list[dict]) -> requests.Response:

@@ -21,11 +21,11 @@ from pathlib import Path
 import requests
 import torch
 
-from moecl import lifecycle, registry
 from moecl.checkpoint import load_model
 from moecl.config import config_from_dict
 from moecl.data import load_task
-from moecl.loopback import start_mlflow, stop
+from moecl.mlops import lifecycle, registry
+from moecl.mlops.loopback import start_mlflow, stop
 from moecl.scoring import label_scores, row_label_scores
 from moecl.trainer import Trainer
 

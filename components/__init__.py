@@ -1,4 +1,4 @@
-"""Thin KFP v2 components: typed wrappers over `moecl.pipeline_steps`, one per pipeline step.
+"""Thin KFP v2 components: typed wrappers over `moecl.mlops.steps`, one per pipeline step.
 
 They run in the image that `infra/Dockerfile` builds (moecl and kfp installed), so no package is
 installed at run time; the embedded runner uses the current environment instead.

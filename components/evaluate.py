@@ -11,11 +11,11 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     import json
     import os
 
-    from moecl import pipeline_steps
+    from moecl.mlops import steps
 
-    evaluation = pipeline_steps.evaluate(tracking_uri, model_name, parent_version, run_id, json.loads(settings_json), dataset.path,
-                                         model.path, json.loads(train_summary),
-                                         os.path.join(os.path.dirname(metrics.path), "evaluation.json"))
+    evaluation = steps.evaluate(tracking_uri, model_name, parent_version, run_id, json.loads(settings_json), dataset.path,
+                                model.path, json.loads(train_summary),
+                                os.path.join(os.path.dirname(metrics.path), "evaluation.json"))
     for task, value in evaluation["candidate"].items():
         metrics.log_metric(f"accuracy.{task}", value)
     metrics.log_metric("aa", evaluation["candidate_aa"])

@@ -9,8 +9,8 @@ def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evalu
     """The gate: move `champion` to the new version only if it passes; else tag the reasons."""
     import json
 
-    from moecl import pipeline_steps
+    from moecl.mlops import steps
 
-    decision = pipeline_steps.promote(tracking_uri, model_name, run_id, version, json.loads(evaluation),
-                                      json.loads(thresholds_json))
+    decision = steps.promote(tracking_uri, model_name, run_id, version, json.loads(evaluation),
+                             json.loads(thresholds_json))
     return json.dumps(decision)

@@ -11,10 +11,10 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
     this pod, or as a multi-node Kubeflow TrainJob when `train_job_json` asks for several nodes."""
     import json
 
-    from moecl import pipeline_steps
+    from moecl.mlops import steps
 
-    summary = pipeline_steps.train(tracking_uri, model_name, parent_version, run_id, json.loads(settings_json),
-                                   dataset.path, task_versions, model.path, data_remote, data_version,
-                                   json.loads(train_job_json))
+    summary = steps.train(tracking_uri, model_name, parent_version, run_id, json.loads(settings_json),
+                          dataset.path, task_versions, model.path, data_remote, data_version,
+                          json.loads(train_job_json))
     model.metadata.update(summary)
     return json.dumps(summary)

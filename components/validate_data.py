@@ -10,8 +10,8 @@ def validate_data(tracking_uri: str, model_name: str, parent_version: str, run_i
     """Fetch the data version from the DVC remote and validate every task with Great Expectations."""
     import json
 
-    from moecl import pipeline_steps
+    from moecl.mlops import steps
 
     dataset.metadata["data_version"] = data_version
-    return pipeline_steps.validate(tracking_uri, model_name, parent_version, run_id, data_remote, data_version,
-                                   json.loads(rules_json), dataset.path)
+    return steps.validate(tracking_uri, model_name, parent_version, run_id, data_remote, data_version,
+                          json.loads(rules_json), dataset.path)

@@ -151,25 +151,40 @@ class ExpertModule(nn.Module):
             return self.state.task_experts, None
         return self.state.batch_tasks, self.state.row_mask
 
-    def add_delta(self, stream: str, proj: str, out: torch.Tensor, x: torch.Tensor,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-        """`out` plus the stream's low-rank delta of `x` (dropout already applied), optionally
-        weighted per token. The experts involved act as one concatenated factor pair; rows of a
-        mixed-task batch mask out the other tasks' rank-r slices. Scale, weight and mask all apply
-        on the rank side, so nothing extra runs over the full output width."""
-        if proj not in self.shapes:
-            return out
+    def _factors(self, stream: str, proj: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A, B, row mask) of a stream's experts on one projection, acting as one concatenated factor
+        pair; rows of a mixed-task batch mask out the other tasks' rank-r slices (None: no masking)."""
         names, row_mask = self._stream_experts(stream)
         loras = [self.experts[n][proj] for n in names]
-        A = loras[0].A if len(loras) == 1 else torch.cat([lora.A for lora in loras])
-        B = loras[0].B if len(loras) == 1 else torch.cat([lora.B for lora in loras], dim=1)
-        z = F.linear(x, A) * loras[0].scale
-        if row_mask is not None:
-            rank = loras[0].A.shape[0]
-            z = z * row_mask.repeat_interleave(rank, dim=1).view(z.shape[0], *[1] * (z.dim() - 2), -1)
-        if weight is not None:
-            z = z * weight
-        return _add_low_rank(out, z, B)
+        if len(loras) == 1:
+            return loras[0].A, loras[0].B, None
+        return torch.cat([lora.A for lora in loras]), torch.cat([lora.B for lora in loras], dim=1), row_mask
+
+    def add_deltas(self, x: torch.Tensor, targets: list[tuple]) -> list[torch.Tensor]:
+        """For each target `(stream, proj, out)` or `(stream, proj, out, weight)`: `out` plus the
+        stream's low-rank delta of `x` (dropout already applied), optionally weighted per token. All
+        targets read the same `x`, so their projections to rank space run as one matrix multiply.
+        Scale, weight and row mask apply on the rank side: nothing extra runs over the output width."""
+        results = [target[2] for target in targets]
+        adapted = [i for i, target in enumerate(targets) if target[1] in self.shapes]
+        if not adapted:
+            return results
+        factors = [self._factors(*targets[i][:2]) for i in adapted]
+        A = factors[0][0] if len(factors) == 1 else torch.cat([f[0] for f in factors])
+        r, alpha, _ = self.lora_args
+        rank_inputs = (F.linear(x, A) * (alpha / r)).split([f[0].shape[0] for f in factors], dim=-1)
+        for i, (_, B, row_mask), z in zip(adapted, factors, rank_inputs):
+            if row_mask is not None:
+                z = z * row_mask.repeat_interleave(r, dim=1).view(z.shape[0], *[1] * (z.dim() - 2), -1)
+            if len(targets[i]) > 3:
+                z = z * targets[i][3]
+            results[i] = _add_low_rank(results[i], z, B)
+        return results
+
+    def add_delta(self, stream: str, proj: str, out: torch.Tensor, x: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` plus one stream's (optionally weighted) low-rank delta of `x`."""
+        return self.add_deltas(x, [(stream, proj, out) if weight is None else (stream, proj, out, weight)])[0]
 
     def streams(self) -> list[str]:
         return {"gated": [SHARED, "task"], "shared": [SHARED], "task": ["task"], "sum": ["task"]}[self.state.mode]
@@ -209,10 +224,10 @@ class MoEFeedForward(ExpertModule):
                 new.bias[: old.out_features] = old.bias
         self.discriminator = new
 
-    def _hidden(self, stream: str, x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> torch.Tensor:
-        gate = self.add_delta(stream, "gate_proj", gx, x)
-        up = self.add_delta(stream, "up_proj", ux, x)
-        return self.base.act_fn(gate) * up
+    def _hidden(self, streams: list[str], x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> list[torch.Tensor]:
+        """Each stream's FFN hidden state act(gate(x)) * up(x), its deltas added to the base `gx`, `ux`."""
+        projected = self.add_deltas(x, [(s, p, base) for s in streams for p, base in (("gate_proj", gx), ("up_proj", ux))])
+        return [self.base.act_fn(gate) * up for gate, up in zip(projected[::2], projected[1::2])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -221,7 +236,7 @@ class MoEFeedForward(ExpertModule):
         x_in = self.dropout(x)
         gx, ux = self.base.gate_proj(x), self.base.up_proj(x)
         streams = self.streams()
-        hidden = [self._hidden(s, x_in, gx, ux) for s in streams]
+        hidden = self._hidden(streams, x_in, gx, ux)
         if len(streams) == 1:
             return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), self.dropout(hidden[0]))
 
@@ -229,10 +244,15 @@ class MoEFeedForward(ExpertModule):
         # The base down projection is linear: applying it once to the mixed hidden state equals
         # mixing the two experts' outputs.
         out = self.base.down_proj(torch.lerp(hidden[1], hidden[0], w_shared))
-        keep = self.dropout(torch.ones_like(hidden[0])) if self.training and self.dropout.p > 0 else None
-        shared_in, task_in = (hidden[0], hidden[1]) if keep is None else (hidden[0] * keep, hidden[1] * keep)
+        w_task = 1 - w_shared
+        shared_in, task_in = hidden
+        p = self.dropout.p
+        if self.training and p > 0:
+            # One dropout mask for both experts' inputs, kept 0/1: its 1/(1-p) goes on the rank side.
+            keep = torch.empty_like(hidden[0]).bernoulli_(1 - p)
+            shared_in, task_in, w_shared, w_task = shared_in * keep, task_in * keep, w_shared / (1 - p), w_task / (1 - p)
         out = self.add_delta(SHARED, "down_proj", out, shared_in, w_shared)
-        out = self.add_delta("task", "down_proj", out, task_in, 1 - w_shared)
+        out = self.add_delta("task", "down_proj", out, task_in, w_task)
         if state.disc_labels is not None:
             self._discriminate(x, gx, ux)
         return out
@@ -249,13 +269,15 @@ class MoEFeedForward(ExpertModule):
         tokens = self.state.pool_mask.flatten().nonzero().squeeze(1)
         rows = tokens // self.state.pool_mask.shape[1]
         x, gx, ux = (t.detach().flatten(0, -2)[tokens] for t in (x, gx, ux))
-        base_hidden = self.base.act_fn(gx) * ux
-        shared_hidden = self.base.act_fn(self.add_delta(LIVE, "gate_proj", gx, x)) * self.add_delta(LIVE, "up_proj", ux, x)
         batch = self.state.pool_mask.shape[0]
         pool = F.one_hot(rows, batch).T.to(x.dtype)
         pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1)  # (batch, tokens) averaging weights
-        pooled = self.base.down_proj(pool @ (shared_hidden - base_hidden))
-        pooled = self.add_delta(LIVE, "down_proj", pooled, pool @ shared_hidden)
+        with torch.no_grad():  # the base FFN's part carries no gradient: pool it on its own
+            pooled_base = pool @ (self.base.act_fn(gx) * ux)
+        shared_hidden, = self._hidden([LIVE], x, gx, ux)
+        pooled_shared = pool @ shared_hidden
+        pooled = self.base.down_proj(pooled_shared - pooled_base)
+        pooled = self.add_delta(LIVE, "down_proj", pooled, pooled_shared)
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
 

@@ -36,7 +36,7 @@ def compile_pipeline(out: Path = COMPILED) -> Path:
 
 
 def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
-    from moecl import registry
+    from moecl.mlops import registry
 
     run = registry.connect(tracking_uri).get_run(run_id)
     steps = {k.removeprefix("seconds."): v for k, v in run.data.metrics.items() if k.startswith("seconds.")}
@@ -47,9 +47,9 @@ def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
 
 
 def demo(workdir: Path, settings_path: Path | None, verbose: bool = False) -> None:
-    from moecl import registry
-    from moecl.trigger import trigger
-    from moecl.versioning import init_project, snapshot
+    from moecl.mlops import registry
+    from moecl.mlops.trigger import trigger
+    from moecl.mlops.versioning import init_project, snapshot
 
     from .launcher import PipelineSettings, Workdir, run_embedded
 
@@ -95,8 +95,8 @@ def _tracking(args) -> tuple[str, "Workdir"]:
 
 
 def _trigger(args) -> None:
-    from moecl.lifecycle import Policy
-    from moecl.trigger import trigger, watch
+    from moecl.mlops.lifecycle import Policy
+    from moecl.mlops.trigger import trigger, watch
 
     from .launcher import PipelineSettings, run_embedded, submit
 
@@ -122,7 +122,7 @@ def _trigger(args) -> None:
 
 
 def _status(args) -> None:
-    from moecl import lifecycle, registry
+    from moecl.mlops import lifecycle, registry
 
     tracking_uri, _ = _tracking(args)
     policy = lifecycle.Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
@@ -138,7 +138,7 @@ def _status(args) -> None:
 
 
 def _rollback(args) -> None:
-    from moecl.registry import rollback
+    from moecl.mlops.registry import rollback
 
     tracking_uri, _ = _tracking(args)
     demoted, restored = rollback(tracking_uri, args.model_name, to=args.to, reason=args.reason)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from moecl import pipeline_steps, registry
 from moecl.backbone import DTYPES
-from moecl.gate import GateThresholds
-from moecl.lifecycle import heartbeating
-from moecl.validation import ValidationRules
 from moecl.config import config_from_dict
-from moecl.versioning import DataVersion
+from moecl.mlops import registry, steps
+from moecl.mlops.gate import GateThresholds
+from moecl.mlops.lifecycle import heartbeating
+from moecl.mlops.validation import ValidationRules
+from moecl.mlops.versioning import DataVersion
 
 from .pipeline import build
 
@@ -140,10 +140,10 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
         with heartbeating(tracking_uri, run_id), output:
             build()(**arguments(settings, version, tracking_uri, run_id))
     except KeyboardInterrupt:
-        pipeline_steps.fail_run(tracking_uri, run_id, "interrupted")
+        steps.fail_run(tracking_uri, run_id, "interrupted")
         raise
     except BaseException:
-        pipeline_steps.fail_run(tracking_uri, run_id)
+        steps.fail_run(tracking_uri, run_id)
         if not verbose:
             print(f"  the steps' full output: {log_file}", file=sys.stderr)
         raise

@@ -15,8 +15,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from moecl import registry
-from moecl.loopback import start_mlflow, stop
+from moecl.mlops import registry
+from moecl.mlops.loopback import start_mlflow, stop
 
 # Chromium on a machine with a closed network: no background connections, no sandbox as root.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

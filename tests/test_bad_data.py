@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from moecl import lifecycle, pipeline_steps, registry
 from moecl.checkpoint import load_model, read_manifest
 from moecl.config import config_from_dict
 from moecl.data import load_task, per_label
+from moecl.mlops import lifecycle, registry, steps
+from moecl.mlops.versioning import DataVersion, _object_path, init_project, snapshot, task_versions
 from moecl.scoring import predict
 from moecl.trainer import Trainer
-from moecl.versioning import DataVersion, _object_path, init_project, snapshot, task_versions
 
 from .conftest import write_task
 
@@ -131,7 +131,7 @@ def champion(tmp_path_factory):
     registered = registry.register(tracking_uri, "moecl", run_id, root / "run" / "checkpoint",
                                    {"task_versions": json.dumps(task_versions(version))})
     registry.promote(tracking_uri, "moecl", registered, None, "test", "good data")
-    pipeline_steps._end_run(tracking_uri, run_id, "promoted")
+    steps._end_run(tracking_uri, run_id, "promoted")
     return {"project": project, "good": root / "good", "tracking_uri": tracking_uri, "root": root, "settings": settings}
 
 
@@ -146,9 +146,9 @@ def _refused(champion, version: DataVersion, expected: tuple[str, ...], tmp_path
     before = _registry_state(tracking_uri)
     run_id, _ = lifecycle.claim(tracking_uri, version.hash, lifecycle.Policy())
     assert run_id, "the bad version was not launched"
-    with pytest.raises(pipeline_steps.ValidationFailed) as refused:
-        pipeline_steps.validate(tracking_uri, "moecl", before[1], run_id, version.remote, version.hash, RULES,
-                                str(tmp_path / "dataset"))
+    with pytest.raises(steps.ValidationFailed) as refused:
+        steps.validate(tracking_uri, "moecl", before[1], run_id, version.remote, version.hash, RULES,
+                       str(tmp_path / "dataset"))
     for text in expected:
         assert text in str(refused.value), str(refused.value)
     assert _registry_state(tracking_uri) == before
@@ -202,15 +202,15 @@ def test_a_changed_label_set_is_retrained_when_the_settings_allow_it(champion, t
     tracking_uri = champion["tracking_uri"]
     _, parent = _registry_state(tracking_uri)
     run_id, _ = lifecycle.claim(tracking_uri, version.hash, lifecycle.Policy())
-    versions = pipeline_steps.validate(tracking_uri, "moecl", parent, run_id, version.remote, version.hash,
-                                       {**RULES, "allow_label_change": True}, str(tmp_path / "dataset"))
-    summary = pipeline_steps.train(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
-                                   versions, str(tmp_path / "model"))
+    versions = steps.validate(tracking_uri, "moecl", parent, run_id, version.remote, version.hash,
+                              {**RULES, "allow_label_change": True}, str(tmp_path / "dataset"))
+    summary = steps.train(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
+                          versions, str(tmp_path / "model"))
     assert summary["changed_tasks"] == ["topics"] and summary["new_tasks"] == []
     manifest = read_manifest(tmp_path / "model")
     assert manifest["labels"]["topics"] == ["sports", "science", "economy"]
-    evaluation = pipeline_steps.evaluate(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
-                                         str(tmp_path / "model"), summary, str(tmp_path / "evaluation.json"))
+    evaluation = steps.evaluate(tracking_uri, "moecl", parent, run_id, champion["settings"], str(tmp_path / "dataset"),
+                                str(tmp_path / "model"), summary, str(tmp_path / "evaluation.json"))
     # The champion can never say 'economy'; what it gets right on the other labels still counts.
     test = [e for e in per_label(load_task("topics", tmp_path / "dataset" / "topics").test, None, 0)]
     economy = [i for i, e in enumerate(test) if e.label == 2]

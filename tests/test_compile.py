@@ -77,4 +77,4 @@ def test_every_step_runs_in_the_dockerfile_image(tmp_path):
         assert container["image"] == CLUSTER["image"], name
         assert "python3 -m kfp.dsl.executor_main" in container["command"][2], name
         assert "pip install" not in " ".join(container["command"]), name  # nothing installed at run time
-        assert "from moecl import pipeline_steps" in container["command"][-1], name
+        assert "from moecl.mlops import steps" in container["command"][-1], name

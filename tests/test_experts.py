@@ -31,10 +31,12 @@ def _naive_expert_ffn(module: MoEFeedForward, expert: str, x: torch.Tensor) -> t
     """The expert's whole LoRA-adapted FFN, run on its own (the official design)."""
     loras = module.experts[expert]
     base = module.base
-    gate = base.gate_proj(x) + loras["gate_proj"](x)
-    up = base.up_proj(x) + loras["up_proj"](x)
-    hidden = base.act_fn(gate) * up
-    return base.down_proj(hidden) + loras["down_proj"](hidden)
+
+    def delta(proj: str, inputs: torch.Tensor):
+        return loras[proj](inputs) if proj in loras else 0  # a projection outside lora.targets adds nothing
+
+    hidden = base.act_fn(base.gate_proj(x) + delta("gate_proj", x)) * (base.up_proj(x) + delta("up_proj", x))
+    return base.down_proj(hidden) + delta("down_proj", hidden)
 
 
 def test_gate_weights_are_a_distribution_per_token(tiny_model):
@@ -50,8 +52,9 @@ def test_gate_weights_are_a_distribution_per_token(tiny_model):
     assert weights.std() > 0  # a trained gate gives token-dependent mixes
 
 
-def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model):
-    model = tiny_model("moecl")
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["down_proj"], ["gate_proj", "up_proj"]])
+def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model, targets):
+    model = tiny_model("moecl", targets=targets)
     model.add_task("a", ["x", "y"])
     _randomise_adapters(model)
     ffn = model.ffn_modules()[1]
@@ -60,6 +63,44 @@ def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model):
     weights = ffn.mix_weights(x)
     expected = weights[..., :1] * _naive_expert_ffn(ffn, SHARED, x) + weights[..., 1:] * _naive_expert_ffn(ffn, "a", x)
     assert torch.allclose(ffn(x), expected, atol=1e-5)
+
+
+def test_in_training_both_experts_read_inputs_under_one_dropout_mask_per_position(tiny_model):
+    p = 0.3
+    model = tiny_model("moecl", dropout=p)
+    model.add_task("a", ["x", "y"])
+    _randomise_adapters(model)
+    ffn = model.ffn_modules()[0]
+    x = torch.randn(2, 5, ffn.base.gate_proj.in_features)
+    model.route(["a", "a"])
+    ffn.train()
+    torch.manual_seed(7)
+    out = ffn(x)
+    torch.manual_seed(7)  # replay the forward's two masks: the FFN input's, then the hidden state's
+    x_in = x * torch.empty_like(x).bernoulli_(1 - p) / (1 - p)
+    keep = torch.empty(2, 5, ffn.base.gate_proj.out_features).bernoulli_(1 - p) / (1 - p)
+    expected = 0
+    weights = ffn.mix_weights(x)
+    for column, expert in enumerate((SHARED, "a")):
+        loras = ffn.experts[expert]
+        hidden = (ffn.base.act_fn(ffn.base.gate_proj(x) + loras["gate_proj"](x_in))
+                  * (ffn.base.up_proj(x) + loras["up_proj"](x_in)))
+        expected = expected + weights[..., column:column + 1] * (
+            ffn.base.down_proj(hidden) + loras["down_proj"](hidden * keep))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_the_discriminator_reads_the_shared_experts_addition_to_the_ffn_averaged_over_the_text(tiny_model):
+    model = _two_task_model(tiny_model)
+    ffn = model.ffn_modules()[1]
+    x = torch.randn(2, 6, ffn.base.gate_proj.in_features)
+    text = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])
+    model.route(["a", "b"], text_mask=text, adversarial_weight=0.1)
+    with torch.no_grad():
+        ffn(x)
+        added = _naive_expert_ffn(ffn, SHARED, x) - ffn.base(x)
+        pooled = (added * text.unsqueeze(-1)).sum(1) / text.sum(1, keepdim=True)
+        assert torch.allclose(model.routing.disc_logits[-1], ffn.discriminator(pooled), atol=1e-5)
 
 
 def _mixed_then_single(model, compute, rows: list[str]) -> list[torch.Tensor]:

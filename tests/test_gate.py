@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moecl.gate import GateThresholds, decide, mcnemar_worse
+from moecl.mlops.gate import GateThresholds, decide, mcnemar_worse
 
 GATE = GateThresholds(min_new_task_accuracy=0.5, max_old_task_drop=0.05, significance=0.05, min_eval_examples=40)
 

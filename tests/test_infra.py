@@ -498,7 +498,7 @@ def test_moecl_image_and_user_match_cluster_yaml_and_dockerfile(kdir):
 def test_cluster_yaml_shape_and_types():
     config = cluster()
     assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job", "step_secrets"}
-    from moecl.trainjob import TrainJobSettings
+    from moecl.mlops.trainjob import TrainJobSettings
 
     job = TrainJobSettings.from_dict(config["train_job"])  # every key is a setting the train step reads
     assert job.nodes >= 1 and job.resources_per_node.get("gpu", 0) >= 1

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from moecl import lifecycle, pipeline_steps, registry
-from moecl.lifecycle import Policy
-from moecl.versioning import init_project, snapshot
+from moecl.mlops import lifecycle, registry, steps
+from moecl.mlops.lifecycle import Policy
+from moecl.mlops.versioning import init_project, snapshot
 
 from .conftest import write_task
 from .test_pipeline import LENIENT_GATE, RULES, TINY_TRAINING
@@ -104,7 +104,7 @@ def test_a_killed_trigger_is_relaunched_after_its_lease_and_the_dead_run_is_fail
 def _fail(tracking_uri, version, policy, outcome="failed"):
     run_id, _ = lifecycle.claim(tracking_uri, version, policy)
     assert run_id, "the version was not due"
-    pipeline_steps.fail_run(tracking_uri, run_id, outcome)
+    steps.fail_run(tracking_uri, run_id, outcome)
     return run_id
 
 
@@ -124,7 +124,7 @@ def test_failed_runs_are_retried_with_backoff_up_to_a_limit_then_only_on_request
     assert lifecycle.claim(tracking_uri, version, now_policy)[0] is None
     rerun, _ = lifecycle.claim(tracking_uri, version, now_policy, rerun=True)
     assert rerun and MlflowClient(tracking_uri).get_run(rerun).data.tags["moecl.rerun"] == "true"
-    pipeline_steps._end_run(tracking_uri, rerun, "promoted")
+    steps._end_run(tracking_uri, rerun, "promoted")
     assert lifecycle.version_state(tracking_uri, version, now_policy).state == "processed"
     assert len(_runs(tracking_uri)) == 4  # no claim left a run behind
 
@@ -150,7 +150,7 @@ def test_a_stale_candidate_cannot_move_the_champion(tmp_path):
                   "candidate": {"t": 0.9}, "champion": {"t": 0.8}, "candidate_aa": 0.9, "champion_aa": 0.8,
                   "trained_tasks": ["t"], "parent_champion": versions[0]}
     run_id, _ = lifecycle.claim(tracking_uri, "9" * 32, Policy())
-    decision = pipeline_steps.promote(tracking_uri, "moecl", run_id, versions[2], evaluation, {})
+    decision = steps.promote(tracking_uri, "moecl", run_id, versions[2], evaluation, {})
     assert not decision["passed"] and "champion is version" in decision["reasons"][0]
     assert MlflowClient(tracking_uri).get_run(run_id).data.tags[registry.TAG_OUTCOME] == "rejected"
     log = json.loads(MlflowClient(tracking_uri).get_registered_model("moecl").tags["moecl.alias_log"])

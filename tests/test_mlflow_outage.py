@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moecl import lifecycle, pipeline_steps, registry
-from moecl.loopback import free_port, start_mlflow, stop
+from moecl.mlops import lifecycle, registry, steps
+from moecl.mlops.loopback import free_port, start_mlflow, stop
 
 
 def _serve(root: Path, port: int):
@@ -32,7 +32,7 @@ def test_register_during_an_outage_fails_in_bounded_time_and_a_retry_registers_e
         stop(server)
         started = time.time()
         with pytest.raises(Exception) as outage:
-            pipeline_steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
+            steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
         assert time.time() - started < 120  # bounded retries, not MLflow's default minutes
         assert "Connection refused" in str(outage.value) or "Max retries" in str(outage.value)
         # The error raised is the step's own (here its first heartbeat), not one from logging the step's time.
@@ -40,8 +40,8 @@ def test_register_during_an_outage_fails_in_bounded_time_and_a_retry_registers_e
         assert not any(f.name == "log_metric" for f in frames), [(f.filename.split("/")[-1], f.name) for f in frames]
 
         server = _serve(tmp_path, port)
-        first = pipeline_steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
-        again = pipeline_steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
+        first = steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
+        again = steps.register(uri, "moecl", run_id, str(checkpoint), evaluation, "c" * 32, "{}", "moecl")
         assert first == again == "1"
         versions = registry.connect(uri).search_model_versions("name='moecl'")
         assert len(versions) == 1 and versions[0].tags["data_version"] == "c" * 32 and versions[0].tags["aa"] == "0.8000"

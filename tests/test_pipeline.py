@@ -6,9 +6,9 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from moecl import registry
-from moecl.trigger import trigger
-from moecl.versioning import init_project, snapshot
+from moecl.mlops import registry
+from moecl.mlops.trigger import trigger
+from moecl.mlops.versioning import init_project, snapshot
 from pipelines.__main__ import main
 from pipelines.launcher import PipelineSettings, Workdir, run_embedded
 from tests.conftest import write_task

@@ -60,9 +60,9 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_result(tmp_path, ta
 
 def test_a_retried_train_step_resumes_from_the_checkpoints_kept_in_the_run(tmp_path, monkeypatch):
     """What a KFP retry on a fresh pod does: nothing survives locally, the run's artifacts do."""
-    from moecl import lifecycle, pipeline_steps
     from moecl.checkpoint import read_manifest
-    from moecl.versioning import init_project, materialize, snapshot, task_versions
+    from moecl.mlops import lifecycle, steps
+    from moecl.mlops.versioning import init_project, materialize, snapshot, task_versions
 
     from .conftest import write_task
 
@@ -77,7 +77,7 @@ def test_a_retried_train_step_resumes_from_the_checkpoints_kept_in_the_run(tmp_p
     versions = json.dumps(task_versions(version))
 
     def train(run_id, out):
-        return pipeline_steps.train(tracking_uri, "moecl", "", run_id, settings, str(dataset), versions, str(out))
+        return steps.train(tracking_uri, "moecl", "", run_id, settings, str(dataset), versions, str(out))
 
     reference, _ = lifecycle.claim(tracking_uri, "0" * 32, lifecycle.Policy(), str(tmp_path / "artifacts"))
     train(reference, tmp_path / "reference")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from moecl import lifecycle, registry
 from moecl.config import config_from_dict
-from moecl.loopback import start_mlflow, stop
+from moecl.mlops import lifecycle, registry
+from moecl.mlops.loopback import start_mlflow, stop
 from moecl.trainer import Trainer
 
 from .conftest import write_task

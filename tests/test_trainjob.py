@@ -14,10 +14,10 @@ from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
 from kubeflow.trainer.types import types
 from kubernetes.client import ApiException
 
-from moecl import pipeline_steps, registry, trainjob
 from moecl.checkpoint import read_manifest
-from moecl.lifecycle import Policy, claim
-from moecl.versioning import init_project, snapshot, task_versions
+from moecl.mlops import registry, steps, trainjob
+from moecl.mlops.lifecycle import Policy, claim
+from moecl.mlops.versioning import init_project, snapshot, task_versions
 from pipelines.launcher import cluster_settings
 from pipelines.pipeline import build
 
@@ -166,8 +166,8 @@ def test_the_train_step_gets_its_candidate_from_a_multi_node_job(tmp_path):
     settings = {"backbone": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                 "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "max_length": 64}}
     nodes = LocalNodes()
-    summary = pipeline_steps.train(tracking_uri, "moecl", "", run_id, settings, "", json.dumps(task_versions(version)),
-                                   str(tmp_path / "model"), version.remote, version.hash, {"nodes": 2}, client=nodes)
+    summary = steps.train(tracking_uri, "moecl", "", run_id, settings, "", json.dumps(task_versions(version)),
+                          str(tmp_path / "model"), version.remote, version.hash, {"nodes": 2}, client=nodes)
 
     assert nodes.jobs == {"job0": {"runtime": "torch-distributed", "nodes": 2}}
     assert summary["new_tasks"] == ["topics"] and summary["train_seconds"] > 0

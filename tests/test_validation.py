@@ -1,4 +1,4 @@
-"""Tests for moecl.validation: each rule must fail on bad data and name file, rule and rows."""
+"""Tests for moecl.mlops.validation: each rule must fail on bad data and name file, rule and rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moecl.validation import (
+from moecl.mlops.validation import (
     DataValidationError,
     Failure,
     ValidationReport,

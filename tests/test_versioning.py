@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from moecl.versioning import current_version, init_project, materialize, snapshot, task_versions
+from moecl.mlops.versioning import current_version, init_project, materialize, snapshot, task_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ class TrainJobSettings:
 def train_in_job(**step_args) -> None:
     """The TrainJob's function. The SDK ships its source into the job's command and calls it with
     the step's arguments, so it only hands over to the installed moecl."""
-    from moecl.pipeline_steps import train_in_job as run
+    from moecl.mlops.steps import train_in_job as run
 
     run(**step_args)
 

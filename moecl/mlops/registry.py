@@ -130,12 +130,12 @@ class MoeclPyfunc(mlflow.pyfunc.PythonModel):
     without a task are routed to one by the model's task-free router."""
 
     def load_context(self, context) -> None:
-        from .checkpoint import load_model
+        from ..checkpoint import load_model
 
         self.model, self.prompts, _ = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        from .scoring import answer
+        from ..scoring import answer
 
         tasks = model_input["task"].tolist() if "task" in model_input else [None] * len(model_input)
         tasks = [t if isinstance(t, str) and t else None for t in tasks]  # NaN / None / "" -> route
@@ -175,7 +175,7 @@ def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | 
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},
                                            signature=signature, pip_requirements=PIP_REQUIREMENTS,
-                                           code_paths=[str(Path(__file__).parent)])
+                                           code_paths=[str(Path(__file__).parents[1])])
         version = str(mlflow.register_model(info.model_uri, model_name).version)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)

@@ -1,5 +1,5 @@
 """Re-run on new data: the data version in `data.dvc` is launched once, retried after a failure or a
-lost run (see moecl.lifecycle), and never run twice at the same time."""
+lost run (see moecl.mlops.lifecycle), and never run twice at the same time."""
 from __future__ import annotations
 
 import logging

@@ -21,16 +21,16 @@ from pathlib import Path
 import mlflow
 import torch
 
+from ..checkpoint import load_model, read_manifest
+from ..config import TASK_NAME, Config, config_from_dict
+from ..data import load_task, per_label
+from ..distributed import torchrun
+from ..experts import SHARED
+from ..metrics import automation_coverage, plot_heatmap, stage_tasks, summarise
+from ..scoring import label_scores, margins
 from . import registry, trainjob
-from .checkpoint import load_model, read_manifest
-from .config import TASK_NAME, Config, config_from_dict
-from .data import load_task, per_label
-from .distributed import torchrun
-from .experts import SHARED
 from .gate import GateDecision, GateThresholds, decide
 from .lifecycle import heartbeating
-from .metrics import automation_coverage, plot_heatmap, stage_tasks, summarise
-from .scoring import label_scores, margins
 from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .validation import ValidationRules, validate_task
 from .versioning import DataVersion, ListingError, materialize, task_versions
@@ -87,7 +87,7 @@ def _end_run(tracking_uri: str, run_id: str, outcome: str, status: str = "FINISH
 
 def fail_run(tracking_uri: str, run_id: str, outcome: str = "failed") -> None:
     """Close a run that stopped on an error (validation closes its own with its own outcome); the
-    version is retried (see moecl.lifecycle)."""
+    version is retried (see moecl.mlops.lifecycle)."""
     client = registry.connect(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
         _end_run(tracking_uri, run_id, outcome, "FAILED")
@@ -183,7 +183,7 @@ def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, se
     With `run_id` (one process), every checkpoint is also kept in the run's artifacts, and a
     retried step resumes from them: finished stages are not trained again, an interrupted one
     continues from its last mid-stage checkpoint."""
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
     order, new, changed = plan_tasks(versions, best)
@@ -208,9 +208,9 @@ def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, se
 
 def train_in_job(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict,
                  data_remote: str, data_version: str, task_versions_json: str) -> None:
-    """One process of a multi-node TrainJob (see moecl.trainjob): every process fetches the data
+    """One process of a multi-node TrainJob (see moecl.mlops.trainjob): every process fetches the data
     version and the champion itself; rank 0 logs the candidate and its summary to the run."""
-    from .distributed import join
+    from ..distributed import join
 
     world = join(settings.get("train", {}).get("device", "auto"))
     with tempfile.TemporaryDirectory() as scratch:

@@ -27,6 +27,15 @@ def _two_task_model(tiny_model):
     return model
 
 
+def _one_task_ffn(tiny_model, layer: int, **lora):
+    """A moecl model with task 'a', every adapter random, routed to 'a' for 2 rows; and one of its FFNs."""
+    model = tiny_model("moecl", **lora)
+    model.add_task("a", ["x", "y"])
+    _randomise_adapters(model)
+    model.route(["a", "a"])
+    return model, model.ffn_modules()[layer]
+
+
 def _naive_expert_ffn(module: MoEFeedForward, expert: str, x: torch.Tensor) -> torch.Tensor:
     """The expert's whole LoRA-adapted FFN, run on its own (the official design)."""
     loras = module.experts[expert]
@@ -54,12 +63,8 @@ def test_gate_weights_are_a_distribution_per_token(tiny_model):
 
 @pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["down_proj"], ["gate_proj", "up_proj"]])
 def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model, targets):
-    model = tiny_model("moecl", targets=targets)
-    model.add_task("a", ["x", "y"])
-    _randomise_adapters(model)
-    ffn = model.ffn_modules()[1]
+    _, ffn = _one_task_ffn(tiny_model, 1, targets=targets)
     x = torch.randn(2, 7, ffn.base.gate_proj.in_features)
-    model.route(["a", "a"])
     weights = ffn.mix_weights(x)
     expected = weights[..., :1] * _naive_expert_ffn(ffn, SHARED, x) + weights[..., 1:] * _naive_expert_ffn(ffn, "a", x)
     assert torch.allclose(ffn(x), expected, atol=1e-5)
@@ -67,12 +72,8 @@ def test_shared_base_computation_equals_running_each_expert_ffn(tiny_model, targ
 
 def test_in_training_both_experts_read_inputs_under_one_dropout_mask_per_position(tiny_model):
     p = 0.3
-    model = tiny_model("moecl", dropout=p)
-    model.add_task("a", ["x", "y"])
-    _randomise_adapters(model)
-    ffn = model.ffn_modules()[0]
+    _, ffn = _one_task_ffn(tiny_model, 0, dropout=p)
     x = torch.randn(2, 5, ffn.base.gate_proj.in_features)
-    model.route(["a", "a"])
     ffn.train()
     torch.manual_seed(7)
     out = ffn(x)

@@ -18,15 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .manifest import CHECKPOINT, FORMAT_VERSION, read_manifest
 from .model import ContinualModel
-
-FORMAT_VERSION = 2  # 2: text-first prompts, per-task gates, task-router statistics
-CHECKPOINT = "checkpoint"
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT
-
 
 def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict, name: str = CHECKPOINT,
                     extra: dict[str, object] | None = None) -> Path:
@@ -47,21 +40,6 @@ def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict, name: 
     staging.rename(final)
     shutil.rmtree(retired, ignore_errors=True)
     return final
-
-
-def read_manifest(path: Path) -> dict:
-    """Manifest of a checkpoint folder, or of a run folder holding one."""
-    path = Path(path)
-    if not (path / "manifest.json").is_file():
-        path = checkpoint_dir(path)
-    file = path / "manifest.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no checkpoint manifest (was the run finished or resumed?)")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: checkpoint format {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    manifest["path"] = str(path)
-    return manifest
 
 
 def load_adapters(model: ContinualModel, manifest: dict) -> None:

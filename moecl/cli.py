@@ -14,7 +14,7 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def _train(args) -> int:
-    from .checkpoint import read_manifest
+    from .manifest import read_manifest
     from .trainer import ResumeError, Trainer
 
     try:

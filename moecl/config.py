@@ -21,6 +21,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
+TASK_NAME_RULE = f"{TASK_NAME.pattern}, not 'shared' (the shared expert's name)"
+
+
+def is_task_name(name: str) -> bool:
+    return bool(TASK_NAME.fullmatch(name)) and name != "shared"
 
 
 class ConfigError(ValueError):
@@ -188,9 +193,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: Pa
         task.data = _resolve_path(task.data, base_dir)
         tasks.append(task)
     names = [t.name for t in tasks]
-    bad = [n for n in names if not TASK_NAME.fullmatch(n) or n == "shared"]
+    bad = [n for n in names if not is_task_name(n)]
     if bad:
-        raise ConfigError(f"{source}: task name '{bad[0]}' must match {TASK_NAME.pattern} and not be 'shared'")
+        raise ConfigError(f"{source}: task name '{bad[0]}' must be {TASK_NAME_RULE}")
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: task names must be unique, got {names}")
     sections = {key: _build(cls, raw[key], key, source) for key, cls in _SECTIONS.items() if key in raw}

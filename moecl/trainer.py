@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .backbone import load_backbone
-from .checkpoint import checkpoint_dir, load_adapters, read_manifest, save_checkpoint
+from .checkpoint import load_adapters, save_checkpoint
 from .config import Config
 from .data import Example, TaskData, load_task, per_label
 from .distributed import World, join, process_device, shard_backbone
+from .manifest import checkpoint_dir, read_manifest
 from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt

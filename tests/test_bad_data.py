@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from moecl.checkpoint import load_model, read_manifest
+from moecl.checkpoint import load_model
 from moecl.config import config_from_dict
 from moecl.data import load_task, per_label
+from moecl.manifest import read_manifest
 from moecl.mlops import lifecycle, registry, steps
 from moecl.mlops.versioning import DataVersion, _object_path, init_project, snapshot, task_versions
 from moecl.scoring import predict

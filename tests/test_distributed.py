@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moecl.checkpoint import read_manifest
+from moecl.manifest import read_manifest
 from moecl.config import load_config
 from moecl.distributed import torchrun
 from moecl.trainer import ResumeError, Trainer

@@ -60,7 +60,7 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_result(tmp_path, ta
 
 def test_a_retried_train_step_resumes_from_the_checkpoints_kept_in_the_run(tmp_path, monkeypatch):
     """What a KFP retry on a fresh pod does: nothing survives locally, the run's artifacts do."""
-    from moecl.checkpoint import read_manifest
+    from moecl.manifest import read_manifest
     from moecl.mlops import lifecycle, steps
     from moecl.mlops.versioning import init_project, materialize, snapshot, task_versions
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moecl.checkpoint import load_model, read_manifest
+from moecl.checkpoint import load_model
 from moecl.cli import main
 from moecl.config import load_config
+from moecl.manifest import read_manifest
 from moecl.scoring import label_log_likelihoods, predict
 from moecl.trainer import Trainer
 from tests.conftest import write_config, write_task

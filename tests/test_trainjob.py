@@ -14,7 +14,7 @@ from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
 from kubeflow.trainer.types import types
 from kubernetes.client import ApiException
 
-from moecl.checkpoint import read_manifest
+from moecl.manifest import read_manifest
 from moecl.mlops import registry, steps, trainjob
 from moecl.mlops.lifecycle import Policy, claim
 from moecl.mlops.versioning import init_project, snapshot, task_versions

@@ -3,6 +3,8 @@ running in the image infra/Dockerfile builds with the command that image provide
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import kfp
@@ -78,3 +80,13 @@ def test_every_step_runs_in_the_dockerfile_image(tmp_path):
         assert "python3 -m kfp.dsl.executor_main" in container["command"][2], name
         assert "pip install" not in " ".join(container["command"]), name  # nothing installed at run time
         assert "from moecl.mlops import steps" in container["command"][-1], name
+
+
+def test_steps_that_need_no_model_start_without_torch_or_great_expectations():
+    """Every step is a process of its own: register, promote and finalize must not pay for importing
+    torch, transformers or Great Expectations (about 20 s per step on a small node)."""
+    heavy = ("torch", "transformers", "great_expectations")
+    probe = ("import sys; import components.register, components.promote, components.finalize;"
+             "from moecl.mlops import steps; print(sorted(m for m in %r if m in sys.modules))" % (heavy,))
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

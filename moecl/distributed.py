@@ -56,14 +56,19 @@ class World:
         return mine + items[-1:] * (width - len(mine)), len(mine)
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """What DDP does on the last backward: every process's gradients replaced by their mean."""
+        """What DDP does on the last backward: every process's gradients replaced by their mean, in
+        one collective over a flat buffer (which also takes gradients of any memory layout)."""
         if not self.distributed:
             return
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)  # a process whose passes left it unused still joins
-            dist.all_reduce(param.grad)
-            param.grad /= self.size
+        grads = [param.grad for param in params]
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat)
+        flat /= self.size
+        for grad, mean in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(mean.view(grad.shape))
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over every process."""

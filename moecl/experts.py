@@ -37,13 +37,17 @@ def snapshot_name(task: str) -> str:
 class LoRA(nn.Module):
     """One low-rank factor pair: delta(x) = scale * B @ A @ x. A starts random and B at zero, so a
     new expert leaves the model's output unchanged until it is trained. Dropout is applied by the
-    owning module, one mask per input position shared by every expert reading it (in the FFN, the
-    two experts' hidden states share one mask too): a random mask costs a full pass of its own."""
+    owning module (`ExpertModule.keep_mask`), one mask per input position shared by every expert
+    reading it (in the FFN, the two experts' hidden states share one mask too).
+
+    B, shaped (out, r) like a linear layer's weight, is stored column-major: the multiplies read its
+    transpose, contiguous, so autograd forms B's gradient as z^T G (short and wide) rather than G^T z,
+    several times faster on a CPU; checkpoints hold the same (out, r) tensors either way."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, r))
+        self.B = nn.Parameter(torch.zeros(r, out_features).T)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / r
 
@@ -51,9 +55,9 @@ class LoRA(nn.Module):
         return F.linear(F.linear(x, self.A) * self.scale, self.B)
 
 
-def _add_low_rank(out: torch.Tensor, z: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """out + z @ B.T as one fused multiply-add over the flattened tokens."""
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), B.T)
+def _add_low_rank(out: torch.Tensor, z: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    """out + z @ B_t (B_t: the (r, out) transpose of B) as one fused multiply-add over the flattened tokens."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), B_t)
     return flat.view(out.shape)
 
 
@@ -105,7 +109,6 @@ class ExpertModule(nn.Module):
         self.routing = [routing]  # a list, so the shared state is not registered as a submodule
         self.shapes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
         self.lora_args = lora_args
-        self.dropout = nn.Dropout(lora_args[2])
         self.gate_features = gate_features
         self.experts = nn.ModuleDict()
         self.gates = nn.ModuleDict()
@@ -137,6 +140,21 @@ class ExpertModule(nn.Module):
         if snapshot_name(task) in self.experts:
             del self.experts[snapshot_name(task)]
 
+    def keep_mask(self, like: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """(a fresh 0/1 LoRA-dropout mask in `like`'s shape, or None outside training; the 1/(1-p)
+        the rank side applies to inputs under it). Drawn as uniforms compared with p, the law of
+        bernoulli_, which on CPUs that MKL's generator skips (AMD) costs twice as much. Kept 0/1 so
+        no pass over the input width scales it."""
+        p = self.lora_args[2]
+        if not self.training or p == 0:
+            return None, 1.0
+        return torch.rand_like(like) >= p, 1 / (1 - p)
+
+    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x under a fresh dropout mask, the scale the rank side applies)."""
+        keep, scale = self.keep_mask(x)
+        return (x if keep is None else x * keep), scale
+
     def _stream_experts(self, stream: str) -> tuple[list[str], torch.Tensor | None]:
         """The experts a stream adds up, and which rows each serves (None: every row). A task with
         a snapshot of the shared expert reads that snapshot; the task being trained reads the live one."""
@@ -152,19 +170,20 @@ class ExpertModule(nn.Module):
         return self.state.batch_tasks, self.state.row_mask
 
     def _factors(self, stream: str, proj: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(A, B, row mask) of a stream's experts on one projection, acting as one concatenated factor
+        """(A, B^T, row mask) of a stream's experts on one projection, acting as one concatenated factor
         pair; rows of a mixed-task batch mask out the other tasks' rank-r slices (None: no masking)."""
         names, row_mask = self._stream_experts(stream)
         loras = [self.experts[n][proj] for n in names]
         if len(loras) == 1:
-            return loras[0].A, loras[0].B, None
-        return torch.cat([lora.A for lora in loras]), torch.cat([lora.B for lora in loras], dim=1), row_mask
+            return loras[0].A, loras[0].B.T, None
+        return torch.cat([lora.A for lora in loras]), torch.cat([lora.B.T for lora in loras]), row_mask
 
-    def add_deltas(self, x: torch.Tensor, targets: list[tuple]) -> list[torch.Tensor]:
+    def add_deltas(self, x: torch.Tensor, targets: list[tuple], scale: float = 1.0) -> list[torch.Tensor]:
         """For each target `(stream, proj, out)` or `(stream, proj, out, weight)`: `out` plus the
-        stream's low-rank delta of `x` (dropout already applied), optionally weighted per token. All
-        targets read the same `x`, so their projections to rank space run as one matrix multiply.
-        Scale, weight and row mask apply on the rank side: nothing extra runs over the output width."""
+        stream's low-rank delta of `scale * x` (`x` under its 0/1 dropout mask, `scale` the mask's
+        1/(1-p)), optionally weighted per token. All targets read the same `x`, so their projections
+        to rank space run as one matrix multiply. Scales, weight and row mask apply on the rank
+        side: nothing extra runs over the input or output width."""
         results = [target[2] for target in targets]
         adapted = [i for i, target in enumerate(targets) if target[1] in self.shapes]
         if not adapted:
@@ -172,19 +191,19 @@ class ExpertModule(nn.Module):
         factors = [self._factors(*targets[i][:2]) for i in adapted]
         A = factors[0][0] if len(factors) == 1 else torch.cat([f[0] for f in factors])
         r, alpha, _ = self.lora_args
-        rank_inputs = (F.linear(x, A) * (alpha / r)).split([f[0].shape[0] for f in factors], dim=-1)
-        for i, (_, B, row_mask), z in zip(adapted, factors, rank_inputs):
+        rank_inputs = (F.linear(x, A) * (scale * alpha / r)).split([f[0].shape[0] for f in factors], dim=-1)
+        for i, (_, B_t, row_mask), z in zip(adapted, factors, rank_inputs):
             if row_mask is not None:
                 z = z * row_mask.repeat_interleave(r, dim=1).view(z.shape[0], *[1] * (z.dim() - 2), -1)
             if len(targets[i]) > 3:
                 z = z * targets[i][3]
-            results[i] = _add_low_rank(results[i], z, B)
+            results[i] = _add_low_rank(results[i], z, B_t)
         return results
 
     def add_delta(self, stream: str, proj: str, out: torch.Tensor, x: torch.Tensor,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-        """`out` plus one stream's (optionally weighted) low-rank delta of `x`."""
-        return self.add_deltas(x, [(stream, proj, out) if weight is None else (stream, proj, out, weight)])[0]
+                  weight: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """`out` plus one stream's (optionally weighted) low-rank delta of `scale * x`."""
+        return self.add_deltas(x, [(stream, proj, out) if weight is None else (stream, proj, out, weight)], scale)[0]
 
     def streams(self) -> list[str]:
         return {"gated": [SHARED, "task"], "shared": [SHARED], "task": ["task"], "sum": ["task"]}[self.state.mode]
@@ -224,21 +243,24 @@ class MoEFeedForward(ExpertModule):
                 new.bias[: old.out_features] = old.bias
         self.discriminator = new
 
-    def _hidden(self, streams: list[str], x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor) -> list[torch.Tensor]:
-        """Each stream's FFN hidden state act(gate(x)) * up(x), its deltas added to the base `gx`, `ux`."""
-        projected = self.add_deltas(x, [(s, p, base) for s in streams for p, base in (("gate_proj", gx), ("up_proj", ux))])
+    def _hidden(self, streams: list[str], x: torch.Tensor, gx: torch.Tensor, ux: torch.Tensor,
+                scale: float = 1.0) -> list[torch.Tensor]:
+        """Each stream's FFN hidden state act(gate(x)) * up(x), its deltas (of `scale * x`) added to
+        the base `gx`, `ux`."""
+        projected = self.add_deltas(x, [(s, p, base) for s in streams for p, base in (("gate_proj", gx), ("up_proj", ux))],
+                                    scale)
         return [self.base.act_fn(gate) * up for gate, up in zip(projected[::2], projected[1::2])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         if state.bypass:
             return self.base(x)
-        x_in = self.dropout(x)
+        x_in, in_scale = self._dropped(x)
         gx, ux = self.base.gate_proj(x), self.base.up_proj(x)
         streams = self.streams()
-        hidden = self._hidden(streams, x_in, gx, ux)
+        hidden = self._hidden(streams, x_in, gx, ux, in_scale)
         if len(streams) == 1:
-            return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), self.dropout(hidden[0]))
+            return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), *self._dropped(hidden[0]))
 
         w_shared = self.shared_weight(x).to(hidden[0].dtype)  # autocast computes the softmax in fp32
         # The base down projection is linear: applying it once to the mixed hidden state equals
@@ -246,11 +268,9 @@ class MoEFeedForward(ExpertModule):
         out = self.base.down_proj(torch.lerp(hidden[1], hidden[0], w_shared))
         w_task = 1 - w_shared
         shared_in, task_in = hidden
-        p = self.dropout.p
-        if self.training and p > 0:
-            # One dropout mask for both experts' inputs, kept 0/1: its 1/(1-p) goes on the rank side.
-            keep = torch.empty_like(hidden[0]).bernoulli_(1 - p)
-            shared_in, task_in, w_shared, w_task = shared_in * keep, task_in * keep, w_shared / (1 - p), w_task / (1 - p)
+        keep, scale = self.keep_mask(hidden[0])
+        if keep is not None:  # one dropout mask for both experts' inputs; its 1/(1-p) on the rank side
+            shared_in, task_in, w_shared, w_task = shared_in * keep, task_in * keep, w_shared * scale, w_task * scale
         out = self.add_delta(SHARED, "down_proj", out, shared_in, w_shared)
         out = self.add_delta("task", "down_proj", out, task_in, w_task)
         if state.disc_labels is not None:
@@ -294,10 +314,10 @@ class MoELinear(ExpertModule):
         out = self.base(x)
         if self.state.bypass:
             return out
-        x_in = self.dropout(x)
+        x_in, scale = self._dropped(x)
         streams = self.streams()
         if len(streams) == 1:
-            return self.add_delta(streams[0], "proj", out, x_in)
+            return self.add_delta(streams[0], "proj", out, x_in, scale=scale)
         w_shared = self.shared_weight(x)
-        out = self.add_delta(SHARED, "proj", out, x_in, w_shared)
-        return self.add_delta("task", "proj", out, x_in, 1 - w_shared)
+        out = self.add_delta(SHARED, "proj", out, x_in, w_shared, scale)
+        return self.add_delta("task", "proj", out, x_in, 1 - w_shared, scale)

@@ -78,8 +78,8 @@ def test_in_training_both_experts_read_inputs_under_one_dropout_mask_per_positio
     torch.manual_seed(7)
     out = ffn(x)
     torch.manual_seed(7)  # replay the forward's two masks: the FFN input's, then the hidden state's
-    x_in = x * torch.empty_like(x).bernoulli_(1 - p) / (1 - p)
-    keep = torch.empty(2, 5, ffn.base.gate_proj.out_features).bernoulli_(1 - p) / (1 - p)
+    x_in = x * (torch.rand_like(x) >= p) / (1 - p)
+    keep = (torch.rand(2, 5, ffn.base.gate_proj.out_features) >= p) / (1 - p)
     expected = 0
     weights = ffn.mix_weights(x)
     for column, expert in enumerate((SHARED, "a")):

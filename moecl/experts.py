@@ -260,7 +260,8 @@ class MoEFeedForward(ExpertModule):
         streams = self.streams()
         hidden = self._hidden(streams, x_in, gx, ux, in_scale)
         if len(streams) == 1:
-            return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), *self._dropped(hidden[0]))
+            hidden_in, scale = self._dropped(hidden[0])
+            return self.add_delta(streams[0], "down_proj", self.base.down_proj(hidden[0]), hidden_in, scale=scale)
 
         w_shared = self.shared_weight(x).to(hidden[0].dtype)  # autocast computes the softmax in fp32
         # The base down projection is linear: applying it once to the mixed hidden state equals

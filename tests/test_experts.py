@@ -91,6 +91,25 @@ def test_in_training_both_experts_read_inputs_under_one_dropout_mask_per_positio
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+
+def test_a_one_expert_method_drops_the_ffn_input_and_hidden_state_like_lora_dropout(tiny_model):
+    p = 0.3
+    model = tiny_model("inc-lora", dropout=p)
+    model.add_task("a", ["x", "y"])
+    _randomise_adapters(model)
+    model.route(["a", "a"])
+    ffn = model.ffn_modules()[0]
+    x = torch.randn(2, 5, ffn.base.gate_proj.in_features)
+    ffn.train()
+    torch.manual_seed(7)
+    out = ffn(x)
+    torch.manual_seed(7)  # replay the forward's two masks
+    loras, base = ffn.experts["a"], ffn.base
+    x_in = x * (torch.rand_like(x) >= p) / (1 - p)
+    hidden = base.act_fn(base.gate_proj(x) + loras["gate_proj"](x_in)) * (base.up_proj(x) + loras["up_proj"](x_in))
+    keep = (torch.rand_like(hidden) >= p) / (1 - p)
+    assert torch.allclose(out, base.down_proj(hidden) + loras["down_proj"](hidden * keep), atol=1e-5)
+
 def test_the_discriminator_reads_the_shared_experts_addition_to_the_ffn_averaged_over_the_text(tiny_model):
     model = _two_task_model(tiny_model)
     ffn = model.ffn_modules()[1]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moecl.manifest import read_manifest
 from moecl.config import load_config
 from moecl.distributed import torchrun
+from moecl.manifest import read_manifest
 from moecl.trainer import ResumeError, Trainer
 
 from .conftest import write_config

@@ -27,9 +27,9 @@ def _two_task_model(tiny_model):
     return model
 
 
-def _one_task_ffn(tiny_model, layer: int, **lora):
-    """A moecl model with task 'a', every adapter random, routed to 'a' for 2 rows; and one of its FFNs."""
-    model = tiny_model("moecl", **lora)
+def _one_task_ffn(tiny_model, layer: int, method: str = "moecl", **lora):
+    """A model with task 'a', every adapter random, routed to 'a' for 2 rows; and one of its FFNs."""
+    model = tiny_model(method, **lora)
     model.add_task("a", ["x", "y"])
     _randomise_adapters(model)
     model.route(["a", "a"])
@@ -91,14 +91,9 @@ def test_in_training_both_experts_read_inputs_under_one_dropout_mask_per_positio
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-
 def test_a_one_expert_method_drops_the_ffn_input_and_hidden_state_like_lora_dropout(tiny_model):
     p = 0.3
-    model = tiny_model("inc-lora", dropout=p)
-    model.add_task("a", ["x", "y"])
-    _randomise_adapters(model)
-    model.route(["a", "a"])
-    ffn = model.ffn_modules()[0]
+    _, ffn = _one_task_ffn(tiny_model, 0, "inc-lora", dropout=p)
     x = torch.randn(2, 5, ffn.base.gate_proj.in_features)
     ffn.train()
     torch.manual_seed(7)
@@ -109,6 +104,7 @@ def test_a_one_expert_method_drops_the_ffn_input_and_hidden_state_like_lora_drop
     hidden = base.act_fn(base.gate_proj(x) + loras["gate_proj"](x_in)) * (base.up_proj(x) + loras["up_proj"](x_in))
     keep = (torch.rand_like(hidden) >= p) / (1 - p)
     assert torch.allclose(out, base.down_proj(hidden) + loras["down_proj"](hidden * keep), atol=1e-5)
+
 
 def test_the_discriminator_reads_the_shared_experts_addition_to_the_ffn_averaged_over_the_text(tiny_model):
     model = _two_task_model(tiny_model)

@@ -372,7 +372,7 @@ class Trainer:
         if state["stage_index"] != index or manifest["tasks"] != self.model.tasks:
             return 0, {}
         load_adapters(self.model, manifest)
-        saved = torch.load(folder / TRAINER_STATE, weights_only=False)
+        saved = torch.load(folder / TRAINER_STATE, weights_only=True)  # it may come from a run's artifacts: data only
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])

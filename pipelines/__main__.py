@@ -9,6 +9,9 @@
 
 Embedded runs keep MLflow, artifacts and KFP outputs in --workdir; with --host, runs go to a
 Kubeflow Pipelines cluster and MLflow is at --tracking-uri.
+
+Exit status: 0 done (a run launched, or nothing due), 2 a usage or settings error, 3 the data
+version was refused by validation (its violations are printed: file, row, rule), 1 anything else.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+REFUSED = 3  # exit status: the data version was refused by validation
+SHOWN_VIOLATIONS = 5  # a refusal prints this many violations, then how many more there are
 COMPILED = Path(__file__).with_name("compiled") / "continual_training.yaml"
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
 DEMO_VERSIONS = (("v1", ["dbpedia", "agnews"]), ("v2", ["yelp"]))
@@ -98,13 +103,18 @@ def _trigger(args) -> None:
     from moecl.mlops.lifecycle import Policy
     from moecl.mlops.trigger import trigger, watch
 
-    from .launcher import PipelineSettings, run_embedded, submit
+    from moecl.mlops.steps import Refused
+
+    from .launcher import KubeflowRuns, PipelineSettings, run_embedded, submit
 
     settings = PipelineSettings.load(args.settings) if args.settings else PipelineSettings.load()
     tracking_uri, workdir = _tracking(args)
+    cluster = None
     if args.host:
+        cluster = KubeflowRuns(args.host)
+
         def launch(version, run_id):
-            submit(version, settings, args.host, tracking_uri, run_id)
+            submit(version, settings, args.host, tracking_uri, run_id, client=cluster.client)
         artifact_root = None
     else:
         if args.tracking_uri:
@@ -115,9 +125,10 @@ def _trigger(args) -> None:
         artifact_root = str(workdir.artifacts)
     policy = Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
     if args.command == "watch":
-        watch(args.project, tracking_uri, launch, args.interval, args.polls, policy, artifact_root)
+        watch(args.project, tracking_uri, launch, args.interval, args.polls, policy, artifact_root, cluster,
+              verdicts=(Refused,))
         return
-    run_id = trigger(args.project, tracking_uri, launch, policy, artifact_root, rerun=args.rerun)
+    run_id = trigger(args.project, tracking_uri, launch, policy, artifact_root, rerun=args.rerun, cluster=cluster)
     print("nothing to launch" if run_id is None else f"pipeline run launched: MLflow run {run_id}")
 
 
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         # The display names are for the cluster's UI; the local runner says it ignores them, every run.
         warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
     handlers = {"trigger": _trigger, "watch": _trigger, "status": _status, "rollback": _rollback}
+    from moecl.mlops.steps import Refused
+
     try:
         if args.command == "compile":
             print(compile_pipeline(args.out))
@@ -202,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"moecl-pipeline: error: {err}", file=sys.stderr)
         return 2
+    except Refused as refusal:
+        print(f"moecl-pipeline: {refusal}", file=sys.stderr)
+        for line in refusal.violations[:SHOWN_VIOLATIONS]:
+            print(f"  {line}", file=sys.stderr)
+        if len(refusal.violations) > SHOWN_VIOLATIONS:
+            print(f"  ... and {len(refusal.violations) - SHOWN_VIOLATIONS} more (moecl-pipeline status; the run's "
+                  f"validation report in MLflow)", file=sys.stderr)
+        return REFUSED
     return 0
 
 

@@ -81,11 +81,12 @@ class Workdir:
 
 
 def arguments(settings: PipelineSettings, version: DataVersion, tracking_uri: str, run_id: str) -> dict:
+    """The run's parameters. The data rules and gate thresholds are not among them: they are compiled
+    into the pipeline (`deployed_pipeline`), and a run parameter could only tighten them."""
     return {
         "data_version": version.hash, "data_remote": version.remote, "tracking_uri": tracking_uri, "run_id": run_id,
         "parent_version": registry.alias_version(tracking_uri, settings.model_name, registry.CHAMPION) or "",
         "model_name": settings.model_name, "settings_json": json.dumps(settings.training),
-        "rules_json": json.dumps(settings.validation), "thresholds_json": json.dumps(settings.gate),
     }
 
 
@@ -125,8 +126,9 @@ class StepOutput(io.TextIOBase):
 def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir, run_id: str,
                  verbose: bool = False) -> None:
     """Run the whole DAG on this machine, each step a subprocess in the current environment, keeping
-    the run's lease while it works. An interrupted or failed run is marked failed (to be retried).
-    The steps' full output goes to <workdir>/logs/<run id>.log (and to the terminal with `verbose`)."""
+    the run's lease while it works. An interrupted or failed run is marked failed (to be retried);
+    a version refused by validation raises Refused. The steps' full output goes to
+    <workdir>/logs/<run id>.log (and to the terminal with `verbose`)."""
     from kfp import local
 
     workdir.root.mkdir(parents=True, exist_ok=True)
@@ -138,12 +140,15 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
     output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(StepOutput(log_file, sys.stdout))
     try:
         with heartbeating(tracking_uri, run_id), output:
-            build()(**arguments(settings, version, tracking_uri, run_id))
+            deployed_pipeline(settings)(**arguments(settings, version, tracking_uri, run_id))
     except KeyboardInterrupt:
         steps.fail_run(tracking_uri, run_id, "interrupted")
         raise
     except BaseException:
         steps.fail_run(tracking_uri, run_id)
+        tags = registry.connect(tracking_uri).get_run(run_id).data.tags
+        if tags.get(registry.TAG_OUTCOME) == "validation_failed":
+            raise steps.Refused(version.hash, tags.get(steps.TAG_VALIDATION_ERRORS, "").splitlines()) from None
         if not verbose:
             print(f"  the steps' full output: {log_file}", file=sys.stderr)
         raise
@@ -167,17 +172,55 @@ def cluster_settings() -> tuple[dict, dict, dict]:
     return gpu, {"image": cluster["image"], **cluster["train_job"]}, cluster["step_secrets"]
 
 
+def deployed_pipeline(settings: PipelineSettings, *cluster):
+    """The pipeline with these settings' data rules and gate compiled in."""
+    return build(*cluster, deployed_rules=settings.validation, deployed_gate=settings.gate)
+
+
 def cluster_pipeline():
-    """The pipeline as the cluster runs it (infra/cluster.yaml)."""
-    return build(*cluster_settings())
+    """The pipeline as the cluster runs it (infra/cluster.yaml, the production settings' rules and gate)."""
+    return deployed_pipeline(PipelineSettings.from_configmap(PRODUCTION_SETTINGS), *cluster_settings())
+
+
+class KubeflowRuns:
+    """The cluster's side of a run's lease (moecl.mlops.lifecycle.ClusterRuns), from the Kubeflow
+    Pipelines API: whether a run still waits to start, and cancelling one whose lease ran out."""
+
+    def __init__(self, host: str, client=None):
+        if client is None:
+            import kfp
+
+            client = kfp.Client(host=host)
+        self.client = client
+
+    def waiting(self, kfp_run_id: str) -> bool:
+        return str(self.client.get_run(kfp_run_id).state) == "PENDING"
+
+    def cancel(self, kfp_run_id: str) -> None:
+        try:
+            self.client.terminate_run(kfp_run_id)
+        except Exception as err:  # it may have ended on its own meanwhile; the MLflow run is failed either way
+            log.warning("could not cancel Kubeflow run %s: %s", kfp_run_id, err)
 
 
 def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking_uri: str, run_id: str,
-           experiment: str = "moecl") -> None:
+           experiment: str = "moecl", client=None) -> str:
     """Submit the run to a Kubeflow Pipelines host; train and evaluate go to the GPU node pool. The
-    steps keep the run's lease from then on; the DAG's exit handler marks it failed if it fails."""
-    import kfp
+    Kubeflow run id is recorded on the MLflow run; the steps keep the run's lease from then on and
+    the DAG's exit handler marks it failed if it fails. A submission that fails fails the run at
+    once (`submit_failed`), to be retried. Returns the Kubeflow run id."""
+    from moecl.mlops.lifecycle import TAG_KFP_RUN
 
-    client = kfp.Client(host=host)
-    client.create_run_from_pipeline_func(cluster_pipeline(), arguments=arguments(settings, version, tracking_uri, run_id),
-                                         run_name=f"moecl-data-{version.short}", experiment_name=experiment)
+    try:
+        if client is None:
+            import kfp
+
+            client = kfp.Client(host=host)
+        result = client.create_run_from_pipeline_func(cluster_pipeline(),
+                                                      arguments=arguments(settings, version, tracking_uri, run_id),
+                                                      run_name=f"moecl-data-{version.short}", experiment_name=experiment)
+    except BaseException:
+        steps.fail_run(tracking_uri, run_id, "submit_failed")
+        raise
+    registry.connect(tracking_uri).set_tag(run_id, TAG_KFP_RUN, result.run_id)
+    return result.run_id

@@ -35,12 +35,16 @@ def _with_secrets(tasks: dict[str, dsl.PipelineTask], step_secrets: dict) -> Non
             kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys})
 
 
-def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secrets: "dict | None" = None):
+def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secrets: "dict | None" = None,
+          deployed_rules: "dict | None" = None, deployed_gate: "dict | None" = None):
     """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool. With a
     `train_job` of several nodes, training runs as a Kubeflow TrainJob and the train step only
-    submits it and waits (so it needs no GPU itself). `step_secrets`: Secrets per step (cluster)."""
+    submits it and waits (so it needs no GPU itself). `step_secrets`: Secrets per step (cluster).
+    `deployed_rules` / `deployed_gate`: the data rules and gate thresholds, compiled in as constants,
+    so a run's `rules_json` / `thresholds_json` can only tighten them."""
     multi_node = (train_job or {}).get("nodes", 1) > 1
     train_job_default = json.dumps(train_job or {})
+    rules, gate = json.dumps(deployed_rules or {}), json.dumps(deployed_gate or {})
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Add each new task dataset version to the MoE-CL champion "
                   "without forgetting: validate, train, evaluate every task, register, gated promotion.")
@@ -52,7 +56,8 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secre
         closing.set_display_name("finalize").set_caching_options(False)
         with dsl.ExitHandler(closing, name="pipeline"):
             validated = validate_data(**common, parent_version=parent_version, data_remote=data_remote,
-                                      data_version=data_version, rules_json=rules_json)
+                                      data_version=data_version, rules_json=rules_json,
+                                      deployed_rules_json=rules)
             validated.set_display_name("validate")
             trained = train(**common, parent_version=parent_version, settings_json=settings_json,
                             task_versions=validated.outputs["Output"], data_remote=data_remote, data_version=data_version,
@@ -64,7 +69,7 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secre
                                   settings_json=settings_json, evaluation=evaluated.outputs["Output"],
                                   model=trained.outputs["model"])
             promoted = promote(**common, version=registered.output, evaluation=evaluated.outputs["Output"],
-                               thresholds_json=thresholds_json)
+                               thresholds_json=thresholds_json, deployed_thresholds_json=gate)
             for step in (registered, promoted):  # registry side effects must happen on every run
                 step.set_caching_options(False)
             if gpu:

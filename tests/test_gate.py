@@ -1,10 +1,13 @@
-"""The promotion gate calls a drop only when it is larger than allowed and real (McNemar), and
-refuses to judge a task evaluated on too few examples."""
+"""The promotion gate compares like with like (the champion's tasks, on the same examples), calls a
+drop only when it is larger than allowed and real (McNemar), judges a trained task on its own
+(floor, above chance), refuses to judge a task evaluated on too few examples, and can only be
+tightened by a run."""
 from __future__ import annotations
 
 import pytest
 
-from moecl.mlops.gate import GateThresholds, decide, mcnemar_worse
+from moecl.mlops.gate import STRICTER, GateThresholds, above_chance_p, decide, mcnemar_worse
+from moecl.mlops.tightening import tighten
 
 GATE = GateThresholds(min_new_task_accuracy=0.5, max_old_task_drop=0.05, significance=0.05, min_eval_examples=40)
 
@@ -52,3 +55,56 @@ def test_the_automation_share_can_be_a_gate_rule():
     decision = decide({"new": _answers(30, 40)}, None, ["new"], rule, automation={"new": 0.4})
     assert not decision.passed and "0.400 of items can be decided automatically < required 0.600" in decision.reasons[0]
     assert decide({"new": _answers(30, 40)}, None, ["new"], rule, automation={"new": 0.7}).passed
+
+
+def test_a_candidate_that_keeps_everything_and_learns_its_task_passes_whatever_the_champions_aa():
+    gate = GateThresholds(min_new_task_accuracy=0.6, max_aa_drop=0.05, min_eval_examples=40)
+    champion = {"easy": _answers(45, 50)}  # AA 0.90
+    candidate = {"easy": _answers(45, 50), "new": _answers(33, 50)}  # nothing lost; new task 0.66: AA of all 0.78
+    decision = decide(candidate, champion, ["new"], gate, chance={"new": 0.25})
+    assert decision.passed, decision.reasons
+
+
+def test_a_real_drop_is_rejected_even_when_an_easy_new_task_lifts_the_average():
+    gate = GateThresholds(min_new_task_accuracy=0.6, max_old_task_drop=0.3, max_aa_drop=0.05, min_eval_examples=40)
+    champion = {"a": _answers(40, 50), "b": _answers(40, 50)}  # AA 0.80
+    candidate = {"a": _answers(40, 50), "b": _answers(28, 50), "new": _answers(50, 50)}  # b: 12 lost; AA of all 0.787
+    decision = decide(candidate, champion, ["new"], gate)
+    assert not decision.passed
+    assert decision.reasons == ["AA on the champion's tasks 0.680 is below the champion's 0.800 by more than 0.050 "
+                                f"(McNemar p={mcnemar_worse(_answers(80, 100), _answers(68, 100)):.3g} over their examples)"]
+
+
+def test_a_retrained_task_is_judged_on_its_own_not_against_the_champions_old_answers():
+    gate = GateThresholds(min_new_task_accuracy=0.5, max_old_task_drop=0.05, min_eval_examples=40)
+    champion = {"t": _answers(45, 50)}
+    changed = {"t": _answers(30, 50)}  # new data, new labels: the champion's 0.9 was on another task
+    assert decide(changed, champion, ["t"], gate).passed
+    assert not decide(changed, champion, [], gate).passed  # left alone, the same fall is forgetting
+
+
+def test_a_trained_task_must_beat_chance_beyond_doubt():
+    assert above_chance_p(_answers(12, 40), 0.2) == pytest.approx(0.0875, abs=1e-3)  # 0.30 on 5 labels
+    gate = GateThresholds(min_new_task_accuracy=0.3, min_eval_examples=40)
+    decision = decide({"new": _answers(12, 40)}, None, ["new"], gate, chance={"new": 0.2})
+    assert not decision.passed and "not clearly above chance 0.200 (binomial p=0.0875 >= 0.05)" in decision.reasons[0]
+    assert decide({"new": _answers(16, 40)}, None, ["new"], gate, chance={"new": 0.2}).passed  # 0.40: p 0.003
+    assert decide({"new": _answers(12, 40)}, None, ["new"], GateThresholds(min_new_task_accuracy=0.3, max_chance_p=1.0,
+                                                                            min_eval_examples=40), chance={"new": 0.2}).passed
+
+
+def test_a_run_can_tighten_the_deployed_gate_and_rules_but_never_loosen_them():
+    from moecl.mlops.validation import STRICTER as RULES_STRICTER
+    from moecl.mlops.validation import ValidationRules
+
+    deployed = GateThresholds(min_new_task_accuracy=0.6, max_old_task_drop=0.02, max_aa_drop=0.02, min_eval_examples=100)
+    asked = {"min_new_task_accuracy": 0.0, "max_old_task_drop": 1.0, "max_aa_drop": 0.01, "min_eval_examples": 0,
+             "max_chance_p": 1.0, "significance": 0.5}
+    assert tighten(deployed, asked, STRICTER) == GateThresholds(
+        min_new_task_accuracy=0.6, max_old_task_drop=0.02, max_aa_drop=0.01, min_eval_examples=100, significance=0.5)
+    with pytest.raises(ValueError, match="unknown setting 'max_drop'"):
+        tighten(deployed, {"max_drop": 1.0}, STRICTER)
+    rules = ValidationRules(min_rows_per_label_train=200, max_text_chars=5000, allow_label_change=False)
+    loose = {"min_rows_per_label_train": 1, "max_text_chars": 10**6, "allow_label_change": True, "min_text_chars": 5}
+    assert tighten(rules, loose, RULES_STRICTER) == ValidationRules(min_rows_per_label_train=200, max_text_chars=5000,
+                                                                    min_text_chars=5)

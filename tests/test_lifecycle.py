@@ -152,7 +152,9 @@ def test_a_stale_candidate_cannot_move_the_champion(tmp_path):
     run_id, _ = lifecycle.claim(tracking_uri, "9" * 32, Policy())
     decision = steps.promote(tracking_uri, "moecl", run_id, versions[2], evaluation, {})
     assert not decision["passed"] and "champion is version" in decision["reasons"][0]
-    assert MlflowClient(tracking_uri).get_run(run_id).data.tags[registry.TAG_OUTCOME] == "rejected"
+    assert MlflowClient(tracking_uri).get_run(run_id).data.tags[registry.TAG_OUTCOME] == lifecycle.STALE
+    state = lifecycle.version_state(tracking_uri, "9" * 32, Policy())
+    assert (state.state, state.due, state.attempts) == (lifecycle.STALE, True, 0)  # trained again, not a failure
     log = json.loads(MlflowClient(tracking_uri).get_registered_model("moecl").tags["moecl.alias_log"])
     assert [(m["version"], m["by"]) for m in log] == [(versions[0], "run a"), (versions[1], "run b")]
 
@@ -168,3 +170,133 @@ def test_status_shows_versions_and_a_missing_registry_is_an_error(tmp_path, caps
     assert main(["status", "--workdir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     assert "bbbbbbbbbbbb" in out and "retrying" in out and "champion = version None" in out
+
+
+def _hold_lock(tracking_uri, laps, out):
+    for _ in range(laps):
+        with registry.alias_lock(tracking_uri, "moecl"):
+            entered = time.monotonic()  # one clock for every process on this machine
+            time.sleep(0.05)
+            with open(out, "a") as log:
+                log.write(f"{entered} {time.monotonic()}\n")
+
+
+def test_the_alias_lock_has_one_holder_at_a_time_and_a_dead_holder_is_passed_over(tmp_path):
+    import multiprocessing
+
+    from moecl.mlops.tickets import TicketRoll
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry.init_store(tracking_uri)
+    out = tmp_path / "held.txt"
+    holders = [multiprocessing.get_context("spawn").Process(target=_hold_lock, args=(tracking_uri, 3, out))
+               for _ in range(4)]
+    for p in holders:
+        p.start()
+    for p in holders:
+        p.join(timeout=300)
+    assert [p.exitcode for p in holders] == [0] * 4
+    spans = sorted(tuple(map(float, line.split())) for line in out.read_text().splitlines())
+    assert len(spans) == 12 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once
+    assert TicketRoll(tracking_uri).tickets("alias-lock", "moecl") == []  # each released its own
+
+    TicketRoll(tracking_uri).take("alias-lock", "moecl", holder="a process that died holding it")
+    with pytest.raises(TimeoutError, match="locked by a process that died"):
+        with registry.alias_lock(tracking_uri, "moecl", wait_seconds=1, stale_seconds=60):
+            pass
+    time.sleep(1.5)
+    with registry.alias_lock(tracking_uri, "moecl", wait_seconds=5, stale_seconds=1):
+        pass  # the dead holder's ticket is older than the stale age on the store's clock
+
+
+def test_after_a_rollback_a_run_on_older_data_cannot_become_champion(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text("{}")
+    claimed = {}
+    for name in ("d1", "d2", "d3"):  # three data versions, claimed in this order
+        run_id, _ = lifecycle.claim(tracking_uri, name * 16, Policy(), str(tmp_path / "artifacts"))
+        claimed[name] = (run_id, int(MlflowClient(tracking_uri).get_run(run_id).data.tags[registry.TAG_DATA_SEQ]))
+    assert claimed["d1"][1] < claimed["d2"][1] < claimed["d3"][1]
+    assert lifecycle.data_seq(tracking_uri, "d1" * 16) == claimed["d1"][1]
+    v1 = registry.register(tracking_uri, "moecl", claimed["d1"][0], checkpoint, {})
+    v2 = registry.register(tracking_uri, "moecl", claimed["d2"][0], checkpoint, {})
+    registry.promote(tracking_uri, "moecl", v1, None, "run d1", "first", claimed["d1"][1])
+    registry.promote(tracking_uri, "moecl", v2, v1, "run d2", "passed", claimed["d2"][1])
+    for name in ("d1", "d2"):
+        steps._end_run(tracking_uri, claimed[name][0], "promoted")
+    registry.rollback(tracking_uri, "moecl", reason="v2 misbehaves")
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == v1
+    # A late run of d1's data, trained from v1: the parent check alone would let it in.
+    late, _ = lifecycle.claim(tracking_uri, "d1" * 16, Policy(), rerun=True)
+    v_late = registry.register(tracking_uri, "moecl", late, checkpoint, {})
+    with pytest.raises(registry.Superseded, match="newer data"):
+        registry.promote(tracking_uri, "moecl", v_late, v1, "late run", "passed", claimed["d1"][1])
+    evaluation = {"candidate_correct": {"t": [True] * 50}, "champion_correct": None, "candidate": {"t": 1.0},
+                  "candidate_aa": 1.0, "trained_tasks": ["t"], "parent_champion": v1}
+    decision = steps.promote(tracking_uri, "moecl", late, v_late, evaluation, {})
+    assert not decision["passed"] and "newer data" in decision["reasons"][0]
+    assert MlflowClient(tracking_uri).get_run(late).data.tags[registry.TAG_OUTCOME] == "superseded"
+    assert lifecycle.version_state(tracking_uri, "d1" * 16, Policy()).state == "processed"  # final
+    v3 = registry.register(tracking_uri, "moecl", claimed["d3"][0], checkpoint, {})
+    registry.promote(tracking_uri, "moecl", v3, v1, "run d3", "passed", claimed["d3"][1])  # newer data: fine
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == v3
+
+
+class _Cluster:
+    """Kubeflow Pipelines as the lifecycle sees it: which runs wait to start; what was cancelled."""
+
+    def __init__(self, waiting):
+        self.waiting_runs, self.cancelled = set(waiting), []
+
+    def waiting(self, kfp_run_id):
+        return kfp_run_id in self.waiting_runs
+
+    def cancel(self, kfp_run_id):
+        self.cancelled.append(kfp_run_id)
+
+
+def test_a_queued_cluster_run_keeps_its_lease_and_a_silent_one_is_failed_and_cancelled(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    queued, _ = lifecycle.claim(tracking_uri, "q" * 32, Policy())
+    lost, _ = lifecycle.claim(tracking_uri, "l" * 32, Policy())
+    client.set_tag(queued, lifecycle.TAG_KFP_RUN, "kfp-queued")
+    client.set_tag(lost, lifecycle.TAG_KFP_RUN, "kfp-lost")
+    cluster = _Cluster(waiting={"kfp-queued"})
+    expired = lifecycle.expire_silent_runs(tracking_uri, Policy(lease_seconds=60), now=time.time() + 3600,
+                                           cluster=cluster)
+    assert expired == [lost] and cluster.cancelled == ["kfp-lost"]
+    assert client.get_run(lost).info.status == "FAILED"
+    assert client.get_run(queued).info.status == "RUNNING"
+    assert float(client.get_run(queued).data.tags[lifecycle.TAG_HEARTBEAT]) > time.time() - 60  # beaten for it
+
+
+class _Kfp:
+    def __init__(self, fail):
+        self.fail = fail
+
+    def create_run_from_pipeline_func(self, pipeline, arguments, run_name, experiment_name):
+        if self.fail:
+            raise ConnectionError("Kubeflow Pipelines API unreachable")
+        return type("Result", (), {"run_id": "kfp-123"})()
+
+
+def test_a_submission_records_its_kubeflow_run_and_a_failed_one_fails_the_claim(tmp_path):
+    from moecl.mlops.versioning import DataVersion
+    from pipelines.launcher import PipelineSettings, submit
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    version = DataVersion("s" * 32, "s3://bucket/data")
+    run_id, _ = lifecycle.claim(tracking_uri, version.hash, Policy())
+    assert submit(version, PipelineSettings(), "http://kfp", tracking_uri, run_id, client=_Kfp(fail=False)) == "kfp-123"
+    assert client.get_run(run_id).data.tags[lifecycle.TAG_KFP_RUN] == "kfp-123"
+    broken, _ = lifecycle.claim(tracking_uri, "t" * 32, Policy())
+    with pytest.raises(ConnectionError):
+        submit(DataVersion("t" * 32, "s3://bucket/data"), PipelineSettings(), "http://kfp", tracking_uri, broken,
+               client=_Kfp(fail=True))
+    run = client.get_run(broken)
+    assert run.info.status == "FAILED" and run.data.tags[registry.TAG_OUTCOME] == "submit_failed"
+    assert lifecycle.version_state(tracking_uri, "t" * 32, Policy(backoff_seconds=0)).state == "retrying"

@@ -95,14 +95,39 @@ def test_the_trainjob_runs_moecl_on_every_node_with_the_clusters_settings():
     limits = trainer["resourcesPerNode"]["limits"]
     assert limits["nvidia.com/gpu"] == settings.resources_per_node["gpu"]
     script = " ".join(trainer["command"])
-    assert "torchrun" in script and "def train_in_job(**step_args)" in script
-    assert "'run_id': 'abc123'" in script and "pip install" not in script  # the image already has moecl
+    assert "torchrun" in script and "def train_in_job(payload: str)" in script
+    assert trainjob.encode_arguments(args) in script and "pip install" not in script  # the image already has moecl
     assert {e["name"]: e["value"] for e in trainer["env"]} == settings.env
     [patch] = spec["runtimePatches"]
     container = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
     secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert container["name"] == "node" and secrets["HF_TOKEN"] == {"name": "moecl-hf-token", "key": "HF_TOKEN"}
     assert all("value" not in e for e in container["env"])  # credentials are referenced, never inlined
+
+
+def test_any_argument_value_reaches_the_job_unchanged_and_nothing_in_it_runs(tmp_path):
+    """The SDK writes the job's function into an unquoted here-document: run that very command (its
+    entrypoint swapped for `cat`) and read back what the job's Python would get."""
+    import ast
+    import base64
+    import subprocess
+
+    api = ClusterApi()
+    hostile = {"data_remote": f"s3://bucket/$(touch {tmp_path}/pwned)/`touch {tmp_path}/pwned2`",
+               "settings": {"note": "it's \"quoted\"\n$HOME ${PATH} \\n"}, "run_id": "r1"}
+    trainjob.submit(cluster_client(api), _settings(nodes=2), hostile)
+    command = api.created[0]["body"]["spec"]["trainer"]["command"]
+    assert command[:2] == ["bash", "-c"]
+    lines = command[2].rstrip().splitlines()
+    entry = lines[-1].split()  # torchrun ... "<file>"
+    shown = "\n".join(lines[:-1] + [f"cat {entry[-1]}"])
+    script = subprocess.run(["bash", "-c", shown], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    call = ast.parse(script).body[-1].value
+    assert call.func.id == "train_in_job"
+    [(key, payload)] = ast.literal_eval(call.keywords[0].value).items()
+    assert key == "payload" and json.loads(base64.b64decode(payload)) == hostile
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    compile(script, "train_in_job.py", "exec")  # the shipped source itself came through the shell intact
 
 
 def test_status_changes_are_reported_once_each():

@@ -5,17 +5,28 @@ since the epoch, refreshed by the launcher and while every step works) is younge
 A live run that falls silent past the lease (a killed trigger, a lost cluster run) is marked FAILED
 with outcome `lease_expired` by the next trigger. A version is then:
 
-- `processed`: a run reached an outcome (promoted, rejected, validation_failed); new data makes a
-  new version, so it is never launched again unless asked (`--rerun`);
+- `processed`: a run reached an outcome (promoted, rejected, validation_failed, or superseded: the
+  champion already holds newer data); new data makes a new version, so it is never launched again
+  unless asked (`--rerun`);
 - `running`: it has a live run;
+- `stale`: its last run passed the gate but the champion had moved meanwhile (another version was
+  promoted, or rolled back); launched again at once, to be trained from the new champion, and not
+  counted as a failure;
 - `retrying`: its runs failed fewer than `max_attempts` times; launched again once
   `backoff_seconds * 2**(failures - 1)` have passed since the last failure;
 - `failed`: `max_attempts` runs failed; launched again only on request.
 
-Taking a version is create-then-elect: the claimant opens its run, then looks at the version's runs;
-it goes ahead only if no earlier live run (by start time, then run id) and no outcome exists, and
-otherwise deletes its run. Every claimant sees every run created before its own check, so of any
-number of concurrent claimants exactly one goes ahead.
+Taking a version is create-then-elect: the claimant opens its run, takes a ticket (numbered by the
+tracking store, see moecl.mlops.tickets) naming it, then looks at the version's earlier tickets; it
+goes ahead only if none belongs to a live run or to a run with an outcome, and otherwise deletes its
+run and its ticket. Every claimant sees every ticket taken before its own, so of any number of
+concurrent claimants exactly one goes ahead, whatever their clocks say. The lowest ticket a version
+ever got is its place in the data lineage (`moecl.data_seq`): promotion refuses a candidate whose
+data is older than the newest data the champion ever held.
+
+On a cluster a run's steps beat while they work; while its Kubeflow run waits to start (no node,
+an image still pulling) the trigger beats for it, and a run silent past its lease has its Kubeflow
+run cancelled, so no late step of it can still write.
 """
 from __future__ import annotations
 
@@ -24,13 +35,26 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import registry
+from .tickets import TicketRoll
 
 log = logging.getLogger("moecl.lifecycle")
 TAG_HEARTBEAT = "moecl.heartbeat"
 TAG_ATTEMPT = "moecl.attempt"
-OUTCOMES = ("promoted", "rejected", "validation_failed")  # the version was processed
+TAG_KFP_RUN = "moecl.kfp_run_id"  # the Kubeflow Pipelines run executing it (cluster runs)
+OUTCOMES = ("promoted", "rejected", "validation_failed", "superseded")  # the version was processed
+STALE = "stale"  # passed the gate after the champion moved: to be trained again from the new one
+CLAIM = "claim"  # ticket kind
+
+
+class ClusterRuns(Protocol):
+    """What the lifecycle needs from the cluster that executes runs (Kubeflow Pipelines)."""
+
+    def waiting(self, kfp_run_id: str) -> bool: ...  # not started yet (queued, no node, image pulling)
+
+    def cancel(self, kfp_run_id: str) -> None: ...
 
 
 @dataclass
@@ -70,15 +94,26 @@ def _outcome(run) -> str | None:
     return outcome if outcome in OUTCOMES else None
 
 
-def expire_silent_runs(tracking_uri: str, policy: Policy, now: float | None = None) -> list[str]:
-    """Mark every RUNNING run whose heartbeat is older than the lease FAILED (`lease_expired`)."""
+def expire_silent_runs(tracking_uri: str, policy: Policy, now: float | None = None,
+                       cluster: ClusterRuns | None = None) -> list[str]:
+    """Mark every RUNNING run whose heartbeat is older than the lease FAILED (`lease_expired`) and
+    cancel its Kubeflow run; a run whose Kubeflow run is still waiting to start is kept alive."""
     now = time.time() if now is None else now
     client = registry.connect(tracking_uri)
-    expired = [r.info.run_id for r in _runs(tracking_uri) if r.info.status == "RUNNING" and not _live(r, policy, now)]
-    for run_id in expired:
-        client.set_tag(run_id, registry.TAG_OUTCOME, "lease_expired")
-        client.set_terminated(run_id, "FAILED")
-        log.warning("run %s went silent for more than %.0fs: marked failed", run_id, policy.lease_seconds)
+    expired = []
+    for run in _runs(tracking_uri):
+        if run.info.status != "RUNNING" or _live(run, policy, now):
+            continue
+        kfp_run = run.data.tags.get(TAG_KFP_RUN)
+        if cluster is not None and kfp_run and cluster.waiting(kfp_run):
+            heartbeat(tracking_uri, run.info.run_id)  # queued on the cluster: not lost
+            continue
+        client.set_tag(run.info.run_id, registry.TAG_OUTCOME, "lease_expired")
+        client.set_terminated(run.info.run_id, "FAILED")
+        if cluster is not None and kfp_run:
+            cluster.cancel(kfp_run)
+        log.warning("run %s went silent for more than %.0fs: marked failed", run.info.run_id, policy.lease_seconds)
+        expired.append(run.info.run_id)
     return expired
 
 
@@ -89,8 +124,13 @@ def _state(version: str, runs: list, policy: Policy, now: float) -> VersionState
     live = [r for r in runs if _live(r, policy, now)]
     if live:
         return VersionState(version, "running", 0, live[0].info.run_id, False)
-    failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
+    stale = [i for i, r in enumerate(runs) if r.data.tags.get(registry.TAG_OUTCOME) == STALE]
+    since = runs[stale[-1] + 1:] if stale else runs  # a stale run starts the count of failures afresh
+    failed = [r for r in since if r.info.status in ("FAILED", "KILLED")]
     if not failed:
+        if stale:
+            return VersionState(version, STALE, 0, runs[stale[-1]].info.run_id, True,
+                                "the champion moved while it ran: to be trained from the new champion")
         return VersionState(version, "new", 0, None, True)
     last = failed[-1]
     reason = last.data.tags.get(registry.TAG_OUTCOME, "failed")
@@ -119,12 +159,18 @@ def version_state(tracking_uri: str, version: str, policy: Policy, now: float | 
     return _state(version, _runs(tracking_uri, version), policy, time.time() if now is None else now)
 
 
+def data_seq(tracking_uri: str, version: str) -> int | None:
+    """The version's place in the data lineage: the lowest claim ticket it ever got."""
+    tickets = TicketRoll(tracking_uri).tickets(CLAIM, version)
+    return tickets[0].number if tickets else None
+
+
 def claim(tracking_uri: str, version: str, policy: Policy, artifact_root: str | None = None,
-          rerun: bool = False) -> tuple[str | None, VersionState]:
+          rerun: bool = False, cluster: ClusterRuns | None = None) -> tuple[str | None, VersionState]:
     """Open a run for `version` if it is due (or `rerun`) and no other claimant got it first.
     Returns (run id or None, the version's state before the claim)."""
     registry.init_store(tracking_uri)
-    expire_silent_runs(tracking_uri, policy)
+    expire_silent_runs(tracking_uri, policy, cluster=cluster)
     state = version_state(tracking_uri, version, policy)
     wanted = state.due or (rerun and state.state != "running")
     if not wanted:
@@ -134,14 +180,21 @@ def claim(tracking_uri: str, version: str, policy: Policy, artifact_root: str | 
     mine = client.create_run(experiment, run_name=f"data-{version[:12]}-attempt{state.attempts + 1}", tags={
         registry.TAG_DATA_VERSION: version, "git_commit": registry.git_commit(), TAG_HEARTBEAT: str(time.time()),
         TAG_ATTEMPT: str(state.attempts + 1), **({"moecl.rerun": "true"} if rerun else {})})
+    roll = TicketRoll(tracking_uri)
+    ticket = roll.take(CLAIM, version, run_id=mine.info.run_id)
     now = time.time()
-    for run in _runs(tracking_uri, version):
-        if run.info.run_id == mine.info.run_id:
+    for earlier in roll.tickets(CLAIM, version):
+        if earlier.number >= ticket.number:
+            break
+        try:
+            run = client.get_run(earlier.tags["run_id"])
+        except Exception:  # a claimant that lost and cleaned up between the listing and this look
             continue
-        earlier = (run.info.start_time, run.info.run_id) < (mine.info.start_time, mine.info.run_id)
-        if (_live(run, policy, now) and earlier) or (_outcome(run) and not rerun):
+        if run.info.lifecycle_stage == "active" and (_live(run, policy, now) or (_outcome(run) and not rerun)):
             client.delete_run(mine.info.run_id)  # another claimant has it: leave no trace
+            roll.release(ticket)
             return None, _state(version, [run], policy, now)
+    client.set_tag(mine.info.run_id, registry.TAG_DATA_SEQ, str(data_seq(tracking_uri, version)))
     return mine.info.run_id, state
 
 

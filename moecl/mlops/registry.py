@@ -26,7 +26,9 @@ CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 EXPERIMENT = "moecl"
 TAG_DATA_VERSION = "moecl.data_version"
-TAG_OUTCOME = "moecl.outcome"  # validation_failed | promoted | rejected: the version was processed
+TAG_OUTCOME = "moecl.outcome"  # see moecl.mlops.lifecycle for the outcomes
+TAG_DATA_SEQ = "moecl.data_seq"  # a run's data version's place in the data lineage (its first claim ticket)
+TAG_NEWEST_DATA = "moecl.newest_data_seq"  # on the registered model: the newest data a champion ever held
 # moecl itself ships with the model (code_paths), so the model loads in an environment built from these alone.
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.24,<6", "safetensors", "pyyaml", "tqdm", "gguf", "pandas", "matplotlib"]
 # A tracking server that is down fails a call after a bounded wait (4 retries, backoff 1, 2, 4, 8 s)
@@ -52,6 +54,33 @@ def init_store(tracking_uri: str) -> None:
 def connect(tracking_uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri)
+
+
+class RunClosed(RuntimeError):
+    """The pipeline run was closed (its lease ran out, an operator failed it) while a step worked."""
+
+
+@contextlib.contextmanager
+def logging_to(tracking_uri: str, run_id: str):
+    """Make `run_id` MLflow's active run for the block (fluent logging: params, inputs, models)
+    without ending it. Leaving `mlflow.start_run` marks a run FINISHED, and a pipeline run that reads
+    as finished while its later steps still work is taken for dead by the next trigger: the run is
+    only ever closed by the pipeline's exit handler (or by its lease running out). MLflow has no
+    public way to leave a run unended, so the block takes it off the fluent API's stack itself."""
+    from mlflow.environment_variables import MLFLOW_RUN_ID
+    from mlflow.tracking import fluent
+
+    status = connect(tracking_uri).get_run(run_id).info.status
+    if status != "RUNNING":  # start_run would reopen it: a step of a run already closed must not revive it
+        raise RunClosed(f"MLflow run {run_id} is already {status}: this step's work is not recorded")
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    finally:
+        stack = fluent._active_run_stack.get()
+        if stack and stack[-1].info.run_id == run_id:
+            stack.pop()
+        MLFLOW_RUN_ID.unset()
 
 
 def experiment_id(tracking_uri: str, artifact_root: str | None = None) -> str:
@@ -172,7 +201,7 @@ def register(tracking_uri: str, model_name: str, run_id: str, checkpoint: str | 
     else:
         signature = ModelSignature(inputs=Schema([ColSpec("string", "task", required=False), ColSpec("string", "text")]),
                                    outputs=Schema([ColSpec("string")]))
-        with mlflow.start_run(run_id=run_id):
+        with logging_to(tracking_uri, run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=MoeclPyfunc(), artifacts={"checkpoint": str(checkpoint)},
                                            signature=signature, pip_requirements=PIP_REQUIREMENTS,
                                            code_paths=[str(Path(__file__).parents[1])])
@@ -186,36 +215,38 @@ class StaleChampion(RuntimeError):
     """The champion moved since the candidate's run started: promoting it would undo that move."""
 
 
+class Superseded(RuntimeError):
+    """The candidate learned from data older than data a champion already held."""
+
+
 def actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 @contextlib.contextmanager
 def alias_lock(tracking_uri: str, model_name: str, wait_seconds: float = 120.0, stale_seconds: float = 600.0):
-    """Exclusive right to move the model's aliases. The lock is a registered model of its own:
-    creating one that exists fails in the tracking store's database, so exactly one holder gets it.
-    A lock older than `stale_seconds` (its holder died) is broken."""
-    client = connect(tracking_uri)
-    name = f"{model_name}.alias-lock"
-    deadline = time.time() + wait_seconds
-    while True:
-        try:
-            client.create_registered_model(name, tags={"holder": actor(), "since": str(time.time())})
-            break
-        except MlflowException as err:
-            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-                raise
-            held = client.get_registered_model(name)
-            if time.time() - float(held.tags.get("since", "0")) > stale_seconds:
-                client.delete_registered_model(name)
-                continue
-            if time.time() > deadline:
-                raise TimeoutError(f"the aliases of '{model_name}' are locked by {held.tags.get('holder')}") from None
-            time.sleep(0.5)
+    """Exclusive right to move the model's aliases. Each contender takes a ticket (moecl.mlops.tickets);
+    the holder is the lowest ticket not released, so there is one holder at a time whoever the
+    contenders are, and each releases only its own. A ticket older than `stale_seconds` on the
+    store's clock (its holder died holding it) is passed over."""
+    from .tickets import TicketRoll
+
+    roll = TicketRoll(tracking_uri)
+    mine = roll.take("alias-lock", model_name, holder=actor())
+    taken = time.monotonic()
     try:
+        while True:
+            store_now_ms = mine.created_ms + 1000 * (time.monotonic() - taken)
+            ahead = [t for t in roll.tickets("alias-lock", model_name)
+                     if t.number < mine.number and store_now_ms - t.created_ms <= 1000 * stale_seconds]
+            if not ahead:
+                break
+            if time.monotonic() - taken > wait_seconds:
+                raise TimeoutError(f"the aliases of '{model_name}' are locked by {ahead[0].tags.get('holder')}")
+            time.sleep(0.5)
         yield
     finally:
-        client.delete_registered_model(name)
+        roll.release(mine)
 
 
 def _record_move(client: MlflowClient, model_name: str, alias: str, version: str, who: str, why: str) -> None:
@@ -228,12 +259,19 @@ def _record_move(client: MlflowClient, model_name: str, alias: str, version: str
     client.set_model_version_tag(model_name, version, f"moecl.{alias}_why", why[:500])
 
 
-def promote(tracking_uri: str, model_name: str, version: str, expected: str | None, who: str, why: str) -> str | None:
+def promote(tracking_uri: str, model_name: str, version: str, expected: str | None, who: str, why: str,
+            data_seq: int | None = None) -> str | None:
     """Move `champion` to `version` if it is still `expected` (the champion the candidate was trained
-    from; None: there was none), as one compare-and-set under the alias lock; `previous-champion`
-    keeps the one replaced (returned). Raises StaleChampion otherwise."""
+    from; None: there was none) and the candidate's data (`data_seq`, its place in the data lineage)
+    is not older than data a champion already held, as one compare-and-set under the alias lock;
+    `previous-champion` keeps the one replaced (returned). Raises Superseded or StaleChampion otherwise.
+    A rollback does not lower the newest data held, so an old run cannot slip in after one."""
     client = connect(tracking_uri)
     with alias_lock(tracking_uri, model_name):
+        newest = (client.get_registered_model(model_name).tags or {}).get(TAG_NEWEST_DATA)
+        if data_seq is not None and newest is not None and data_seq < int(newest):
+            raise Superseded(f"version {version} learned data #{data_seq}; a champion already held newer "
+                             f"data (#{newest})")
         old = alias_version(tracking_uri, model_name, CHAMPION)
         if old != expected:
             raise StaleChampion(f"champion is version {old}, not version {expected} as when this candidate was "
@@ -241,6 +279,8 @@ def promote(tracking_uri: str, model_name: str, version: str, expected: str | No
         if old is not None and old != version:
             client.set_registered_model_alias(model_name, PREVIOUS, old)
         client.set_registered_model_alias(model_name, CHAMPION, version)
+        if data_seq is not None:
+            client.set_registered_model_tag(model_name, TAG_NEWEST_DATA, str(max(data_seq, int(newest or 0))))
         _record_move(client, model_name, CHAMPION, version, who, why)
     return old
 

@@ -28,8 +28,10 @@ from ..data import load_task, per_label
 from ..manifest import read_manifest
 from ..metrics import automation_coverage, plot_heatmap, stage_tasks, summarise
 from . import registry, trainjob
-from .gate import GateDecision, GateThresholds, decide
-from .lifecycle import heartbeating
+from .gate import STRICTER as GATE_STRICTER
+from .gate import GateDecision, GateThresholds, compared_tasks, decide
+from .lifecycle import STALE, heartbeating
+from .tightening import tighten
 from .trainjob import CANDIDATE_ARTIFACTS, TrainJobSettings
 from .versioning import DataVersion, ListingError, materialize, task_versions
 
@@ -60,13 +62,25 @@ def _timed(step):
 TRAINING_STATE = "training-state"  # the run's artifact folder holding the train step's checkpoints
 
 
+TAG_VALIDATION_ERRORS = "moecl.validation_errors"  # a refused version's violations, one per line
+
+
 class ValidationFailed(RuntimeError):
     """The data version broke a validation rule; the message names the file, rows and rule."""
 
 
+class Refused(Exception):
+    """Validation refused the data version (final: only new data is tried). Carries the violations,
+    one line each naming the file, row and rule."""
+
+    def __init__(self, version: str, violations: list[str]):
+        super().__init__(f"data version {version[:12]} refused by validation: {len(violations)} violation(s)")
+        self.version, self.violations = version, violations
+
+
 def _refuse(tracking_uri: str, run_id: str, message: str) -> None:
     """End the run as `validation_failed` (the version is processed: only new data is tried again)."""
-    registry.connect(tracking_uri).set_tag(run_id, "moecl.validation_errors", message[:5000])
+    registry.connect(tracking_uri).set_tag(run_id, TAG_VALIDATION_ERRORS, message[:5000])
     _end_run(tracking_uri, run_id, "validation_failed", "FAILED")
     raise ValidationFailed("data validation failed:\n" + message)
 
@@ -100,10 +114,13 @@ def finalize(tracking_uri: str, run_id: str) -> str:
 
 @_timed
 def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, data_remote: str,
-             data_version: str, rules: dict, dataset_dir: str) -> str:
+             data_version: str, rules: dict, dataset_dir: str, deployed_rules: dict | None = None) -> str:
     """Fetch the version and validate every task folder with Great Expectations; the report goes
-    to MLflow either way. Returns the task versions (JSON); raises ValidationFailed on any failure."""
-    from .validation import ValidationRules, validate_task
+    to MLflow either way. `rules` can only tighten `deployed_rules`. Returns the task versions
+    (JSON); raises ValidationFailed on any failure."""
+    from .validation import STRICTER, ValidationRules, validate_task
+
+    checks = tighten(ValidationRules(**(deployed_rules or {})), rules, STRICTER)
 
     version = DataVersion(data_version, data_remote)
     try:
@@ -119,7 +136,7 @@ def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
         if not is_task_name(task):
             failures.append(f"{dataset / task}: folder name {task!r} is not a task name ({TASK_NAME_RULE}): rule task_name")
             continue
-        report = validate_task(dataset / task, ValidationRules(**rules), expected_labels=champion_labels.get(task))
+        report = validate_task(dataset / task, checks, expected_labels=champion_labels.get(task))
         reports[task] = json.loads(report.to_json())
         if not report.success:
             failures.append(report.summary())
@@ -128,7 +145,7 @@ def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
         failures.append(f"{dataset}: task folder(s) {missing} of the champion are missing: rule champion_tasks_present")
     client = registry.connect(tracking_uri)
     client.set_tag(run_id, "task_versions", json.dumps(versions))
-    with mlflow.start_run(run_id=run_id):
+    with registry.logging_to(tracking_uri, run_id):
         mlflow.log_dict(reports, "validation/great_expectations.json")
         mlflow.log_params({"data_version": data_version, "tasks": ",".join(sorted(versions))})
         _log_dataset(version, versions, dataset)
@@ -218,7 +235,7 @@ def train_in_job(tracking_uri: str, model_name: str, parent_version: str, run_id
         checkpoint, summary = _train_candidate(tracking_uri, model_name, parent_version, settings, dataset,
                                                json.loads(task_versions_json), Path(scratch))
         if world.main:
-            with mlflow.start_run(run_id=run_id):
+            with registry.logging_to(tracking_uri, run_id):
                 mlflow.log_artifacts(str(checkpoint), CANDIDATE_ARTIFACTS)
                 mlflow.log_dict(summary, f"{CANDIDATE_ARTIFACTS}-summary.json")
 
@@ -273,7 +290,7 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
                                                    processes=torch.cuda.device_count(), run_id=run_id)
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.copytree(checkpoint, model_dir)
-    with mlflow.start_run(run_id=run_id):
+    with registry.logging_to(tracking_uri, run_id):
         mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if k != "train_seconds"})
         mlflow.log_params(flat_params(run_config(settings, Path("."), ["settings"]).to_dict()))
         mlflow.log_metric("train_seconds", summary["train_seconds"])
@@ -353,11 +370,12 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
                   "automation": automation, "automation_precision": cfg.eval.automation_precision,
                   "champion": champion, "champion_version": best.version if best else None,
                   "champion_aa": sum(champion.values()) / len(champion) if champion else None,
+                  "chance": {t: 1 / len(manifest["labels"][t]) for t in tasks},
                   "trained_tasks": train_summary["changed_tasks"] + train_summary["new_tasks"],
                   "parent_champion": train_summary["parent_champion"]}
     Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
     Path(evaluation_path).write_text(json.dumps(evaluation, indent=2))
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
+    with registry.logging_to(tracking_uri, run_id), tempfile.TemporaryDirectory() as scratch:
         mlflow.log_metrics({"aa": evaluation["candidate_aa"], **({"bwt": summary["bwt"]} if summary["bwt"] is not None else {})})
         mlflow.log_metrics({f"accuracy.{t}": a for t, a in candidate.items()})
         mlflow.log_metrics({f"automation.{t}": a for t, a in automation.items()})  # share decided alone at the precision
@@ -388,45 +406,58 @@ def register(tracking_uri: str, model_name: str, run_id: str, model_dir: str, ev
 
 def model_card(version: str, evaluation: dict, decision: GateDecision) -> str:
     """The run's and the model version's description (markdown): what it knows, from which data,
-    how well, and what the gate decided."""
-    champion = evaluation.get("champion") or {}
-    rows = "\n".join(f"| {task} | {acc:.3f} | {'' if task not in champion else f'{champion[task]:.3f}'} |"
-                      for task, acc in evaluation["candidate"].items())
+    how well, and what the gate decided. The champion's tasks this run left alone are compared
+    with the champion on the same examples; the tasks it trained are judged on their own."""
+    champion, trained = evaluation.get("champion") or {}, evaluation["trained_tasks"]
+    candidate, chance = evaluation["candidate"], evaluation.get("chance", {})
+    compared = compared_tasks(champion, trained)
+    lines = [f"## moecl version {version}", "",
+             f"Trained tasks this run: {', '.join(trained) or 'none'}; parent champion: "
+             f"{evaluation['parent_champion'] or 'none'}.", ""]
+    if compared:
+        lines += ["Kept from the champion (same test examples):", "", "| task | accuracy | champion's |", "|---|---|---|",
+                  *(f"| {t} | {candidate[t]:.3f} | {champion[t]:.3f} |" for t in compared), "",
+                  f"AA on these tasks: {sum(candidate[t] for t in compared) / len(compared):.3f} "
+                  f"(champion {sum(champion[t] for t in compared) / len(compared):.3f}).", ""]
+    if trained:
+        lines += ["Trained this run (judged on their own):", "", "| task | accuracy | chance |", "|---|---|---|",
+                  *(f"| {t} | {candidate[t]:.3f} | {chance[t]:.3f} |" if t in chance else f"| {t} | {candidate[t]:.3f} | |"
+                    for t in trained), ""]
     verdict = "promoted to champion" if decision.passed else "rejected: " + "; ".join(decision.reasons)
-    return (f"## moecl version {version}\n\nTrained tasks this run: {', '.join(evaluation['trained_tasks']) or 'none'}; "
-            f"parent champion: {evaluation['parent_champion'] or 'none'}.\n\n| task | accuracy | champion's |\n|---|---|---|\n"
-            f"{rows}\n\nAA {evaluation['candidate_aa']:.3f}"
-            + (f" (champion {evaluation['champion_aa']:.3f})" if evaluation.get("champion_aa") is not None else "")
-            + f". Gate: {verdict}.")
+    lines.append(f"AA over all tasks {evaluation['candidate_aa']:.3f}. Gate: {verdict}.")
+    return "\n".join(lines)
 
 
 @_timed
 def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
-            thresholds: dict) -> dict:
-    """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged."""
+            thresholds: dict, deployed_thresholds: dict | None = None) -> dict:
+    """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged.
+    `thresholds` (a run's parameter) can only tighten `deployed_thresholds`."""
+    gate = tighten(GateThresholds(**(deployed_thresholds or {})), thresholds, GATE_STRICTER)
     decision = decide(evaluation["candidate_correct"], evaluation["champion_correct"], evaluation["trained_tasks"],
-                      GateThresholds(**thresholds), evaluation.get("automation"))
+                      gate, evaluation.get("automation"), evaluation.get("chance"))
     client = registry.connect(tracking_uri)
-    previous = None
+    previous, outcome = None, "promoted" if decision.passed else "rejected"
     if decision.passed:
         parent = evaluation["parent_champion"]
+        seq = client.get_run(run_id).data.tags.get(registry.TAG_DATA_SEQ)
         try:
             previous = registry.promote(tracking_uri, model_name, version, None if parent is None else str(parent),
-                                        f"pipeline run {run_id}", "passed the gate")
-        except registry.StaleChampion as err:
-            decision = GateDecision(False, [str(err)])
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_params(flat_params(asdict(GateThresholds(**thresholds)), "gate."))
+                                        f"pipeline run {run_id}", "passed the gate", int(seq) if seq else None)
+        except registry.Superseded as err:  # final: the champion already holds newer data
+            decision, outcome = GateDecision(False, [str(err)]), "superseded"
+        except registry.StaleChampion as err:  # not final: the version is trained again from the new champion
+            decision, outcome = GateDecision(False, [str(err)]), STALE
+    with registry.logging_to(tracking_uri, run_id):
+        mlflow.log_params(flat_params(asdict(gate), "gate."))
     card = model_card(version, evaluation, decision)
     client.set_tag(run_id, "mlflow.note.content", card)
     client.update_model_version(model_name, version, description=card)
+    client.set_model_version_tag(model_name, version, "moecl.promotion", outcome)
     if decision.passed:
-        client.set_model_version_tag(model_name, version, "moecl.promotion", "promoted")
-        _end_run(tracking_uri, run_id, "promoted")
         log.info("version %s is now champion (previous: %s)", version, previous)
     else:
-        client.set_model_version_tag(model_name, version, "moecl.promotion", "rejected")
         client.set_model_version_tag(model_name, version, "moecl.rejection_reasons", "; ".join(decision.reasons))
-        _end_run(tracking_uri, run_id, "rejected")
-        log.warning("version %s not promoted: %s", version, "; ".join(decision.reasons))
+        log.warning("version %s not promoted (%s): %s", version, outcome, "; ".join(decision.reasons))
+    _end_run(tracking_uri, run_id, outcome)
     return {**asdict(decision), "version": version, "previous_champion": previous}

@@ -37,12 +37,24 @@ class TrainJobSettings:
         return cls(**(raw or {}))
 
 
-def train_in_job(**step_args) -> None:
-    """The TrainJob's function. The SDK ships its source into the job's command and calls it with
-    the step's arguments, so it only hands over to the installed moecl."""
+def train_in_job(payload: str) -> None:
+    """The TrainJob's function: it hands over to the installed moecl. The SDK ships this source
+    into the job's command inside an unquoted shell here-document, so the step's arguments come as
+    one base64 string of their JSON (nothing in it a shell expands) and are decoded here."""
+    import base64
+    import json
+
     from moecl.mlops.steps import train_in_job as run
 
-    run(**step_args)
+    run(**json.loads(base64.b64decode(payload)))
+
+
+def encode_arguments(step_args: dict) -> str:
+    """The step's arguments as train_in_job's payload: any value (quotes, dollars, newlines) survives."""
+    import base64
+    import json
+
+    return base64.b64encode(json.dumps(step_args).encode()).decode("ascii")
 
 
 def _options(settings: TrainJobSettings) -> list:
@@ -64,7 +76,7 @@ def submit(client, settings: TrainJobSettings, step_args: dict) -> str:
     """Create the TrainJob that runs `train_in_job(**step_args)` on `settings.nodes` nodes; returns its name."""
     from kubeflow.trainer import CustomTrainer
 
-    trainer = CustomTrainer(func=train_in_job, func_args=step_args, image=settings.image, num_nodes=settings.nodes,
+    trainer = CustomTrainer(func=train_in_job, func_args={"payload": encode_arguments(step_args)}, image=settings.image, num_nodes=settings.nodes,
                             resources_per_node=settings.resources_per_node, env=settings.env or None)
     name = client.train(runtime=client.get_runtime(settings.runtime), trainer=trainer, options=_options(settings))
     log.info("TrainJob %s submitted: %d nodes x %s", name, settings.nodes, settings.resources_per_node)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .lifecycle import Policy, claim
+from .lifecycle import ClusterRuns, Policy, claim
 from .versioning import DataVersion, current_version
 
 log = logging.getLogger("moecl.trigger")
@@ -15,12 +15,14 @@ Launch = Callable[[DataVersion, str], None]  # (data version, the MLflow run ope
 
 
 def trigger(project: str | Path, tracking_uri: str, launch: Launch, policy: Policy | None = None,
-            artifact_root: str | None = None, rerun: str | None = None) -> str | None:
+            artifact_root: str | None = None, rerun: str | None = None, cluster: ClusterRuns | None = None) -> str | None:
     """Launch one run of the version in `data.dvc` (or of the version `rerun`, on request) if it is
-    due and no other trigger took it; return its MLflow run id, or None."""
+    due and no other trigger took it; return its MLflow run id, or None. `cluster`: where launched
+    runs execute, asked about runs that fell silent (see moecl.mlops.lifecycle)."""
     current = current_version(project)
     version = DataVersion(rerun, current.remote) if rerun else current
-    run_id, state = claim(tracking_uri, version.hash, policy or Policy(), artifact_root, rerun=bool(rerun))
+    run_id, state = claim(tracking_uri, version.hash, policy or Policy(), artifact_root, rerun=bool(rerun),
+                          cluster=cluster)
     if run_id is None:
         log.info("data version %s is %s%s: nothing to launch", version.short, state.state,
                  f" ({state.detail})" if state.detail else "")
@@ -31,12 +33,16 @@ def trigger(project: str | Path, tracking_uri: str, launch: Launch, policy: Poli
 
 
 def watch(project: str | Path, tracking_uri: str, launch: Launch, interval: float, polls: int | None = None,
-          policy: Policy | None = None, artifact_root: str | None = None) -> None:
-    """Poll `data.dvc` every `interval` seconds (forever, or `polls` times)."""
+          policy: Policy | None = None, artifact_root: str | None = None, cluster: ClusterRuns | None = None,
+          verdicts: tuple[type[Exception], ...] = ()) -> None:
+    """Poll `data.dvc` every `interval` seconds (forever, or `polls` times). An exception of a type in
+    `verdicts` (a refused data version) is logged as its message, anything else with its traceback."""
     done = 0
     while polls is None or done < polls:
         try:
-            trigger(project, tracking_uri, launch, policy, artifact_root)
+            trigger(project, tracking_uri, launch, policy, artifact_root, cluster=cluster)
+        except verdicts as verdict:
+            log.warning("%s", verdict)
         except Exception:  # one failed run must not stop the watcher; the run itself is marked failed
             log.exception("pipeline run failed")
         done += 1

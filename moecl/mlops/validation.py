@@ -57,6 +57,10 @@ class ValidationRules:
     allow_label_change: bool = False
 
 
+# For each rule, the stricter of two values: a run may tighten the deployed rules, never loosen them.
+STRICTER = {"min_rows_per_label_train": max, "min_rows_per_label_test": max, "min_text_chars": max,
+            "max_text_chars": min, "allow_label_change": min}
+
 @dataclass
 class Failure:
     """One violated rule in one file, with the 1-based lines it concerns (at most 20)."""

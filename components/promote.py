@@ -13,5 +13,5 @@ def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evalu
     from moecl.mlops import steps
 
     decision = steps.promote(tracking_uri, model_name, run_id, version, json.loads(evaluation),
-                             json.loads(thresholds_json), json.loads(deployed_thresholds_json))
+                             json.loads(deployed_thresholds_json), json.loads(thresholds_json))
     return json.dumps(decision)

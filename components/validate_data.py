@@ -16,7 +16,7 @@ def validate_data(tracking_uri: str, model_name: str, parent_version: str, run_i
     dataset.metadata["data_version"] = data_version
     try:
         return steps.validate(tracking_uri, model_name, parent_version, run_id, data_remote, data_version,
-                              json.loads(rules_json), dataset.path, json.loads(deployed_rules_json))
+                              json.loads(deployed_rules_json), dataset.path, json.loads(rules_json))
     except steps.ValidationFailed as err:  # a verdict on the data, not a crash: its lines, no traceback
         print(err)
         raise SystemExit(1) from None

@@ -6,7 +6,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from moecl.mlops import registry
+from moecl.mlops import registry, steps
 from moecl.mlops.trigger import trigger
 from moecl.mlops.versioning import init_project, snapshot
 from pipelines.__main__ import main
@@ -92,8 +92,9 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     bad = project / "data" / "animals" / "train.jsonl"
     bad.write_text(bad.read_text() + json.dumps({"text": "a hamster hamster", "label": "hamster"}) + "\n")
     snapshot(project)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(steps.Refused) as refusal:
         launch(project)
+    assert any("animals/train.jsonl" in line and "label_in_labels_json" in line for line in refusal.value.violations)
     failed = [r for r in _runs(tracking_uri) if r.data.tags.get(registry.TAG_OUTCOME) == "validation_failed"]
     assert len(failed) == 1
     errors = failed[0].data.tags["moecl.validation_errors"]

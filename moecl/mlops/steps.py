@@ -114,13 +114,13 @@ def finalize(tracking_uri: str, run_id: str) -> str:
 
 @_timed
 def validate(tracking_uri: str, model_name: str, parent_version: str, run_id: str, data_remote: str,
-             data_version: str, rules: dict, dataset_dir: str, deployed_rules: dict | None = None) -> str:
+             data_version: str, rules: dict, dataset_dir: str, tightened_by: dict | None = None) -> str:
     """Fetch the version and validate every task folder with Great Expectations; the report goes
-    to MLflow either way. `rules` can only tighten `deployed_rules`. Returns the task versions
-    (JSON); raises ValidationFailed on any failure."""
+    to MLflow either way. `rules`: the deployed rules; `tightened_by`: a run's own, applied only
+    where stricter. Returns the task versions (JSON); raises ValidationFailed on any failure."""
     from .validation import STRICTER, ValidationRules, validate_task
 
-    checks = tighten(ValidationRules(**(deployed_rules or {})), rules, STRICTER)
+    checks = tighten(ValidationRules(**rules), tightened_by, STRICTER)
 
     version = DataVersion(data_version, data_remote)
     try:
@@ -430,10 +430,10 @@ def model_card(version: str, evaluation: dict, decision: GateDecision) -> str:
 
 @_timed
 def promote(tracking_uri: str, model_name: str, run_id: str, version: str, evaluation: dict,
-            thresholds: dict, deployed_thresholds: dict | None = None) -> dict:
+            thresholds: dict, tightened_by: dict | None = None) -> dict:
     """The gate: pass -> `champion` moves to this version; fail -> aliases untouched, reasons tagged.
-    `thresholds` (a run's parameter) can only tighten `deployed_thresholds`."""
-    gate = tighten(GateThresholds(**(deployed_thresholds or {})), thresholds, GATE_STRICTER)
+    `thresholds`: the deployed gate; `tightened_by`: a run's own, applied only where stricter."""
+    gate = tighten(GateThresholds(**thresholds), tightened_by, GATE_STRICTER)
     decision = decide(evaluation["candidate_correct"], evaluation["champion_correct"], evaluation["trained_tasks"],
                       gate, evaluation.get("automation"), evaluation.get("chance"))
     client = registry.connect(tracking_uri)

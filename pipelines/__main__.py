@@ -1,8 +1,8 @@
 """The commands that drive the pipeline (also installed as `moecl-pipeline`):
 
     python -m pipelines compile                  write the cluster pipeline YAML
-    python -m pipelines demo                     the whole pipeline embedded on the shipped sample, twice:
-                                                 data v1 (dbpedia, agnews), then v2 adding yelp
+    python -m pipelines demo                     the whole pipeline embedded on the shipped sample, three
+                                                 data versions: v1 dbpedia, v2 adds agnews, v3 adds yelp
     python -m pipelines trigger | watch          launch a run for the version in data.dvc when it is due
     python -m pipelines status                   champion, versions seen and their state, last gate decision
     python -m pipelines rollback                 give `champion` back (to `previous-champion` or --to VERSION)
@@ -27,7 +27,9 @@ REFUSED = 3  # exit status: the data version was refused by validation
 SHOWN_VIOLATIONS = 5  # a refusal prints this many violations, then how many more there are
 COMPILED = Path(__file__).with_name("compiled") / "continual_training.yaml"
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
-DEMO_VERSIONS = (("v1", ["dbpedia", "agnews"]), ("v2", ["yelp"]))
+# v2's new task is one the sample's budget learns (promoted); v3's, 5-way star ratings, it does not
+# (refused: not clearly above chance).
+DEMO_VERSIONS = (("v1", ["dbpedia"]), ("v2", ["agnews"]), ("v3", ["yelp"]))
 
 
 def compile_pipeline(out: Path = COMPILED) -> Path:
@@ -49,6 +51,9 @@ def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
     print(f"  outcome: {run.data.tags.get(registry.TAG_OUTCOME)}; wall {seconds:.0f}s; steps: "
           + ", ".join(f"{name} {value:.0f}s" for name, value in steps.items()))
     print("  accuracy: " + ", ".join(f"{task} {value:.2f}" for task, value in accuracy.items()))
+    for version in registry.connect(tracking_uri).search_model_versions(f"run_id='{run_id}'"):
+        if version.tags.get("moecl.rejection_reasons"):
+            print(f"  why version {version.version} was not promoted: {version.tags['moecl.rejection_reasons']}")
 
 
 def demo(workdir: Path, settings_path: Path | None, verbose: bool = False) -> None:
@@ -162,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     comp = commands.add_parser("compile", help="write the pipeline YAML for a Kubeflow cluster")
     comp.add_argument("--out", type=Path, default=COMPILED)
-    run = commands.add_parser("demo", help="run the pipeline embedded on the shipped sample (v1, then v2)")
+    run = commands.add_parser("demo", help="run the pipeline embedded on the shipped sample (v1, v2, v3)")
     run.add_argument("--workdir", type=Path, default=Path("work/demo"))
     run.add_argument("--settings", type=Path, help="pipeline settings (default: pipelines/settings.yaml)")
     for name, text in (("trigger", "launch one pipeline run if the version in data.dvc is due"),

@@ -47,6 +47,24 @@ def test_dag_order_and_parameters(tmp_path):
         assert tasks[step]["cachingOptions"] == {}  # side effects: never served from cache
 
 
+def test_the_deployed_gate_and_data_rules_are_compiled_in_not_run_parameters(tmp_path):
+    """Whoever creates a run sets its parameters: the gate and the rules it can pass only tighten
+    the deployed ones, which are constants of the compiled pipeline."""
+    import json
+
+    from pipelines.launcher import PRODUCTION_SETTINGS, PipelineSettings
+
+    _, (spec, _) = _compiled(tmp_path)
+    production = PipelineSettings.from_configmap(PRODUCTION_SETTINGS)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert not {"deployed_thresholds_json", "deployed_rules_json"} & set(parameters)
+    tasks = _steps(spec)
+    for step, name, deployed in (("promote", "deployed_thresholds_json", production.gate),
+                                 ("validate-data", "deployed_rules_json", production.validation)):
+        value = tasks[step]["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+        assert json.loads(value) == deployed and deployed, step
+
+
 def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
     from pipelines.launcher import cluster_settings
 

@@ -172,43 +172,6 @@ def test_status_shows_versions_and_a_missing_registry_is_an_error(tmp_path, caps
     assert "bbbbbbbbbbbb" in out and "retrying" in out and "champion = version None" in out
 
 
-def _hold_lock(tracking_uri, laps, out):
-    for _ in range(laps):
-        with registry.alias_lock(tracking_uri, "moecl"):
-            entered = time.monotonic()  # one clock for every process on this machine
-            time.sleep(0.05)
-            with open(out, "a") as log:
-                log.write(f"{entered} {time.monotonic()}\n")
-
-
-def test_the_alias_lock_has_one_holder_at_a_time_and_a_dead_holder_is_passed_over(tmp_path):
-    import multiprocessing
-
-    from moecl.mlops.tickets import TicketRoll
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    registry.init_store(tracking_uri)
-    out = tmp_path / "held.txt"
-    holders = [multiprocessing.get_context("spawn").Process(target=_hold_lock, args=(tracking_uri, 3, out))
-               for _ in range(4)]
-    for p in holders:
-        p.start()
-    for p in holders:
-        p.join(timeout=300)
-    assert [p.exitcode for p in holders] == [0] * 4
-    spans = sorted(tuple(map(float, line.split())) for line in out.read_text().splitlines())
-    assert len(spans) == 12 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two at once
-    assert TicketRoll(tracking_uri).tickets("alias-lock", "moecl") == []  # each released its own
-
-    TicketRoll(tracking_uri).take("alias-lock", "moecl", holder="a process that died holding it")
-    with pytest.raises(TimeoutError, match="locked by a process that died"):
-        with registry.alias_lock(tracking_uri, "moecl", wait_seconds=1, stale_seconds=60):
-            pass
-    time.sleep(1.5)
-    with registry.alias_lock(tracking_uri, "moecl", wait_seconds=5, stale_seconds=1):
-        pass  # the dead holder's ticket is older than the stale age on the store's clock
-
-
 def test_after_a_rollback_a_run_on_older_data_cannot_become_champion(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     checkpoint = tmp_path / "checkpoint"

@@ -106,3 +106,44 @@ def test_a_retried_train_step_resumes_from_the_checkpoints_kept_in_the_run(tmp_p
     first, second = (_adapters(tmp_path / name, folder="") for name in ("reference", "retry"))  # the step's model folders
     assert first and first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert read_manifest(tmp_path / "retry")["progress"]["matrix"] == read_manifest(tmp_path / "reference")["progress"]["matrix"]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _Payload:
+    """A pickled object that runs a command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_training_state_is_loaded_as_data_only_so_a_tampered_one_runs_nothing(tmp_path, task_dirs):
+    """The pipeline brings training state back from a run's artifacts, which whoever can write the
+    run's artifacts controls: a pickled object in it is refused, never executed."""
+    import pickle
+
+    import pytest
+
+    from moecl.config import load_config
+    from moecl.trainer import TRAINER_STATE
+
+    cfg = load_config(write_config(tmp_path / "run.yaml", {"topics": task_dirs["topics"]}, **LONG))
+    trainer = Trainer(cfg, tmp_path / "run")
+
+    def crash_after_the_first_step_checkpoint(folder):
+        if folder.name == STEP_CHECKPOINT:
+            raise _Crash
+
+    trainer.on_checkpoint = crash_after_the_first_step_checkpoint
+    with pytest.raises(_Crash):
+        trainer.run()
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": _Payload(marker)}, tmp_path / "run" / STEP_CHECKPOINT / TRAINER_STATE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Trainer(cfg, tmp_path / "run").run(resume=True)
+    assert not marker.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ def _tracking(tmp_path) -> str:
 
 
 def _runs(tracking_uri) -> list:
+    registry.init_store(tracking_uri)  # never while a trigger creates the schema: under its lock
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(registry.EXPERIMENT)
     return client.search_runs([experiment.experiment_id]) if experiment else []
@@ -95,11 +97,15 @@ def test_a_trigger_while_the_run_trains_or_evaluates_launches_nothing(tmp_path):
 
 def test_a_step_that_always_fails_is_launched_max_attempts_times_then_shown_failed(tmp_path):
     project = _project(tmp_path)
-    settings = _settings(tmp_path, lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["no_such_proj"]})
+    (tmp_path / "broken-backbone").mkdir()  # passes the settings check, fails in the train step
+    settings = _settings(tmp_path, backbone=str(tmp_path / "broken-backbone"))
     policy = ("--max-attempts", "2", "--backoff-seconds", "0")
     for attempt in (1, 2):
         failed = _trigger(tmp_path, project, settings, *policy)
-        assert failed.returncode == 1 and "matched no module" in failed.stdout + failed.stderr
+        console = re.sub(r"\x1b\[[0-9;]*m", "", failed.stdout + failed.stderr)  # kfp colours its lines
+        assert failed.returncode == 1 and "Inner task failed: 'train'" in console, console[-3000:]
+        log = (tmp_path / "work" / "logs" / f"{_runs(_tracking(tmp_path))[0].info.run_id}.log").read_text()
+        assert "broken-backbone" in log, log[-3000:]
         assert len(_runs(_tracking(tmp_path))) == attempt
     again = _trigger(tmp_path, project, settings, *policy)
     assert again.returncode == 0 and "nothing to launch" in again.stdout, again.stderr[-2000:]

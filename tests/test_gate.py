@@ -93,6 +93,15 @@ def test_a_trained_task_must_beat_chance_beyond_doubt():
                                                                             min_eval_examples=40), chance={"new": 0.2}).passed
 
 
+def test_a_trained_task_can_be_held_to_a_chance_corrected_floor():
+    gate = GateThresholds(min_new_task_accuracy=0.3, min_eval_examples=30, min_new_task_skill=0.25)
+    five_way = decide({"stars": _answers(13, 40)}, None, ["stars"], gate, chance={"stars": 0.2})  # 0.325: p 0.043
+    assert not five_way.passed and five_way.reasons == [
+        "task stars: accuracy 0.325 closes 0.156 of the gap from chance 0.200 to 1 < required 0.250"]
+    assert decide({"news": _answers(25, 32), "stars": _answers(19, 40)}, None, ["news", "stars"], gate,
+                  chance={"news": 0.25, "stars": 0.2}).passed  # 0.78 of 4 labels: 0.71; 0.475 of 5: 0.34
+
+
 def test_a_run_can_tighten_the_deployed_gate_and_rules_but_never_loosen_them():
     from moecl.mlops.validation import STRICTER as RULES_STRICTER
     from moecl.mlops.validation import ValidationRules

@@ -12,31 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from moecl.mlops import lifecycle, registry, steps
 from moecl.mlops.lifecycle import Policy
-from moecl.mlops.versioning import init_project, snapshot
 
-from .conftest import write_task
-from .test_pipeline import LENIENT_GATE, RULES, TINY_TRAINING
+from .test_scheduling import _project, _settings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _project(tmp_path) -> Path:
-    root = init_project(tmp_path / "project", tmp_path / "dvc-remote")
-    write_task(root / "data" / "topics", ["sports", "science", "politics"])
-    snapshot(root)
-    return root
-
-
-def _settings(tmp_path) -> Path:
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump({"model_name": "moecl", "training": {**TINY_TRAINING, "train": {
-        **TINY_TRAINING["train"], "epochs": 1}}, "validation": RULES, "gate": LENIENT_GATE}))
-    return path
 
 
 def _command(tmp_path, project, *extra) -> list[str]:

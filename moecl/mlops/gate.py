@@ -6,8 +6,9 @@ same test examples: a drop on one counts only when it is both larger than allowe
 (McNemar's exact test on the examples where exactly one of the two models is right), and the AA
 rule averages these tasks only, for both models (and also needs McNemar's test, over all their
 examples, to call the drop real). A task this run added or retrained is judged by
-its own rules: an accuracy floor, and accuracy above chance beyond doubt (a one-sided binomial
-test), so a task the budget did not learn is never promoted because its labels are few. A task
+its own rules: an accuracy floor, accuracy above chance beyond doubt (a one-sided binomial test),
+and optionally a floor on its chance-corrected accuracy, so a task the budget did not learn is never
+promoted because its labels are few. A task
 evaluated on fewer than `min_eval_examples` examples cannot be judged at all, and blocks the promotion.
 """
 from __future__ import annotations
@@ -29,11 +30,14 @@ class GateThresholds:
     # a new or changed task counts as learned only if its accuracy beating chance has a one-sided
     # binomial p-value below this; 1 turns the rule off
     max_chance_p: float = 0.05
+    # ... and must close at least this share of the gap from chance to perfect, (accuracy - chance) /
+    # (1 - chance): a 5-way task at 0.33 beats chance yet answers no better than a 2-way coin; 0: off
+    min_new_task_skill: float = 0.0
 
 
 # For each threshold, the stricter of two values: a run may tighten the deployed gate, never loosen it.
 STRICTER = {"min_new_task_accuracy": max, "max_old_task_drop": min, "significance": max, "max_aa_drop": min,
-            "min_eval_examples": max, "min_automation": max, "max_chance_p": min}
+            "min_eval_examples": max, "min_automation": max, "max_chance_p": min, "min_new_task_skill": max}
 
 
 @dataclass
@@ -91,6 +95,10 @@ def decide(candidate: dict[str, list[bool]], champion: dict[str, list[bool]] | N
             if p_value >= thresholds.max_chance_p:
                 reasons.append(f"task {task}: accuracy {accuracy:.3f} is not clearly above chance {chance[task]:.3f} "
                                f"(binomial p={p_value:.3g} >= {thresholds.max_chance_p}): not learned")
+            skill = (accuracy - chance[task]) / (1 - chance[task]) if chance[task] < 1 else 1.0
+            if skill < thresholds.min_new_task_skill:
+                reasons.append(f"task {task}: accuracy {accuracy:.3f} closes {skill:.3f} of the gap from chance "
+                               f"{chance[task]:.3f} to 1 < required {thresholds.min_new_task_skill:.3f}")
     compared = compared_tasks(champion, trained)
     kept = {task: candidate.get(task) or [False] * len(champion[task]) for task in compared}  # a lost task: all wrong
     for task in compared:

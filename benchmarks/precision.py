@@ -1,5 +1,7 @@
 """bf16 against fp32 on this machine's CPU: the same short MoE-CL run (SmolLM2, one task) trained and
-scored in each precision, with the train step's time, the scoring time and the accuracy. Whether
+scored in each precision, with the run's time per optimizer step (the trainer's whole run: the
+steps, its before/after scoring, routing statistics and checkpoint), the scoring time of the test
+set alone and the accuracy. Whether
 the CPU has AMX (`amx_bf16` in /proc/cpuinfo) decides whether bf16 can pay at all: without it
 PyTorch emulates bf16 matmuls.
 
@@ -54,8 +56,8 @@ def run(precision: str, args, out: Path) -> dict:
     scoring = time.perf_counter() - started
     predicted = scores.argmax(-1).tolist()
     accuracy = sum(prompts[args.task].labels[p] == data.labels[e.label] for p, e in zip(predicted, examples))
-    return {"precision": precision, "train_steps": steps, "train_seconds": metrics["train_seconds"],
-            "seconds_per_step": metrics["train_seconds"] / steps, "scored_rows": len(examples),
+    return {"precision": precision, "train_steps": steps, "run_seconds": metrics["train_seconds"],
+            "run_seconds_per_step": metrics["train_seconds"] / steps, "scored_rows": len(examples),
             "scoring_seconds": scoring, "rows_per_second": len(examples) / scoring,
             "accuracy": accuracy / len(examples), "predictions": predicted}
 
@@ -76,16 +78,16 @@ def main() -> None:
     results = [run(p, args, args.work) for p in args.precisions]
     base = results[0]
     for result in results:
-        result["step_speedup"] = base["seconds_per_step"] / result["seconds_per_step"]
+        result["run_speedup"] = base["run_seconds_per_step"] / result["run_seconds_per_step"]
         result["scoring_speedup"] = result["rows_per_second"] / base["rows_per_second"]
         result["same_predictions"] = sum(a == b for a, b in zip(result["predictions"], base["predictions"])) / len(
             base["predictions"])
     print(f"CPU: {name} ({'AMX' if amx else 'no AMX'}), {args.threads} threads; {args.task}, "
           f"{args.train_per_label} train / {args.test_per_label} test per label")
-    print("| precision | s/step | step speedup | rows/s scored | scoring speedup | accuracy | same answers as fp32 |")
+    print("| precision | run s/step | run speedup | rows/s scored | scoring speedup | accuracy | same answers as fp32 |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['precision']} | {r['seconds_per_step']:.2f} | {r['step_speedup']:.2f}x | {r['rows_per_second']:.2f} "
+        print(f"| {r['precision']} | {r['run_seconds_per_step']:.2f} | {r['run_speedup']:.2f}x | {r['rows_per_second']:.2f} "
               f"| {r['scoring_speedup']:.2f}x | {r['accuracy']:.3f} | {r['same_predictions']:.3f} |")
     out = args.out or ROOT / "benchmarks" / "results" / f"precision-{'amx' if amx else 'no-amx'}.json"
     out.write_text(json.dumps({"cpu": name, "amx": amx, "threads": args.threads, "task": args.task,

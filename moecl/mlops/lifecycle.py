@@ -183,7 +183,8 @@ def claim(tracking_uri: str, version: str, policy: Policy, artifact_root: str | 
     roll = TicketRoll(tracking_uri)
     ticket = roll.take(CLAIM, version, run_id=mine.info.run_id)
     now = time.time()
-    for earlier in roll.tickets(CLAIM, version):
+    tickets = roll.tickets(CLAIM, version)  # lowest first, mine among them
+    for earlier in tickets:
         if earlier.number >= ticket.number:
             break
         try:
@@ -194,7 +195,7 @@ def claim(tracking_uri: str, version: str, policy: Policy, artifact_root: str | 
             client.delete_run(mine.info.run_id)  # another claimant has it: leave no trace
             roll.release(ticket)
             return None, _state(version, [run], policy, now)
-    client.set_tag(mine.info.run_id, registry.TAG_DATA_SEQ, str(data_seq(tracking_uri, version)))
+    client.set_tag(mine.info.run_id, registry.TAG_DATA_SEQ, str(tickets[0].number))  # the version's first claim
     return mine.info.run_id, state
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
-CLUSTER_SETTINGS = Path(os.environ.get("MOECL_CLUSTER_SETTINGS",
-                                       Path(__file__).resolve().parents[1] / "infra" / "cluster.yaml"))
-IMAGE = yaml.safe_load(CLUSTER_SETTINGS.read_text())["image"]
+from pipelines import shipped
+
+# infra/cluster.yaml, which an installed package carries too; MOECL_CLUSTER_SETTINGS names another file.
+CLUSTER_SETTINGS = Path(os.environ.get("MOECL_CLUSTER_SETTINGS") or shipped("infra") / "cluster.yaml")
+# The image every step runs in: the cluster's, or MOECL_IMAGE (a local build, scripts/test-containers.sh).
+IMAGE = os.environ.get("MOECL_IMAGE") or yaml.safe_load(CLUSTER_SETTINGS.read_text())["image"]

@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import warnings
 import sys
 import time
 from pathlib import Path
 
+from . import shipped
+
 REFUSED = 3  # exit status: the data version was refused by validation
 SHOWN_VIOLATIONS = 5  # a refusal prints this many violations, then how many more there are
-COMPILED = Path(__file__).with_name("compiled") / "continual_training.yaml"
-SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
+IMAGE_HELP = ("run each embedded step in a container of this image (built from infra/Dockerfile), through "
+              "Docker or podman's Docker API at DOCKER_HOST")
+# In a source checkout the compiled YAML is kept (and checked) beside the pipeline; an installed
+# package writes it to the current folder.
+SOURCE_CHECKOUT = (Path(__file__).resolve().parents[1] / "pyproject.toml").is_file()
+COMPILED = (Path(__file__).with_name("compiled") if SOURCE_CHECKOUT else Path.cwd()) / "continual_training.yaml"
+SAMPLE = shipped("samples") / "mtl5"
 # v2's new task is one the sample's budget learns (promoted); v3's, 5-way star ratings, it does not
 # (refused: not clearly above chance).
 DEMO_VERSIONS = (("v1", ["dbpedia"]), ("v2", ["agnews"]), ("v3", ["yelp"]))
@@ -56,7 +64,19 @@ def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
             print(f"  why version {version.version} was not promoted: {version.tags['moecl.rejection_reasons']}")
 
 
-def demo(workdir: Path, settings_path: Path | None, verbose: bool = False) -> None:
+def _containers(image: str | None):
+    """With --image, the embedded run's steps run in containers of that image (Docker, or podman's
+    Docker-compatible service at DOCKER_HOST) sharing this machine's backbone cache."""
+    if not image:
+        return None
+    from moecl.backbone import cache_root
+
+    from .containers import StepContainers
+
+    return StepContainers(cache_root())
+
+
+def demo(workdir: Path, settings_path: Path | None, verbose: bool = False, image: str | None = None) -> None:
     from moecl.mlops import registry
     from moecl.mlops.trigger import trigger
     from moecl.mlops.versioning import init_project, snapshot
@@ -66,9 +86,10 @@ def demo(workdir: Path, settings_path: Path | None, verbose: bool = False) -> No
     settings = PipelineSettings.load(settings_path) if settings_path else PipelineSettings.load()
     work = Workdir(workdir)
     project = init_project(workdir / "project", workdir / "dvc-remote")
+    containers = _containers(image)
 
     def launch(version, run_id):
-        run_embedded(version, settings, work, run_id, verbose)
+        run_embedded(version, settings, work, run_id, verbose, containers)
 
     for name, tasks in DEMO_VERSIONS:
         for task in tasks:
@@ -116,6 +137,8 @@ def _trigger(args) -> None:
     tracking_uri, workdir = _tracking(args)
     cluster = None
     if args.host:
+        if args.image:
+            raise ValueError("--image is for embedded runs; a cluster's steps run the image in infra/cluster.yaml")
         cluster = KubeflowRuns(args.host)
 
         def launch(version, run_id):
@@ -124,9 +147,10 @@ def _trigger(args) -> None:
     else:
         if args.tracking_uri:
             raise ValueError("--tracking-uri is for --host runs; embedded runs keep MLflow in --workdir")
+        containers = _containers(args.image)
 
         def launch(version, run_id):
-            run_embedded(version, settings, workdir, run_id, args.verbose)
+            run_embedded(version, settings, workdir, run_id, args.verbose, containers)
         artifact_root = str(workdir.artifacts)
     policy = Policy(args.lease_seconds, args.max_attempts, args.backoff_seconds)
     if args.command == "watch":
@@ -170,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("demo", help="run the pipeline embedded on the shipped sample (v1, v2, v3)")
     run.add_argument("--workdir", type=Path, default=Path("work/demo"))
     run.add_argument("--settings", type=Path, help="pipeline settings (default: pipelines/settings.yaml)")
+    run.add_argument("--image", help=IMAGE_HELP)
     for name, text in (("trigger", "launch one pipeline run if the version in data.dvc is due"),
                        ("watch", "poll data.dvc and launch runs as versions come due"),
                        ("status", "champion, the data versions seen and their state, the last gate decision"),
@@ -186,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--project", default=".", help="DVC project whose data.dvc tracks data/ (default: .)")
             cmd.add_argument("--settings", help="pipeline settings YAML (default: pipelines/settings.yaml)")
             cmd.add_argument("--host", help="submit to this Kubeflow Pipelines host instead of running embedded")
+            cmd.add_argument("--image", help=IMAGE_HELP)
         if name == "trigger":
             cmd.add_argument("--rerun", metavar="VERSION", help="launch this data version (full hash) again")
         if name == "watch":
@@ -207,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
         # The display names are for the cluster's UI; the local runner says it ignores them, every run.
         warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner.*")
+    if getattr(args, "image", None):  # the components name their image when first imported
+        os.environ["MOECL_IMAGE"] = args.image
     handlers = {"trigger": _trigger, "watch": _trigger, "status": _status, "rollback": _rollback}
     from moecl.mlops.steps import Refused
 
@@ -214,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             print(compile_pipeline(args.out))
         elif args.command == "demo":
-            demo(args.workdir, args.settings, args.verbose)
+            demo(args.workdir, args.settings, args.verbose, args.image)
         else:
             handlers[args.command](args)
     except ValueError as err:

@@ -25,10 +25,14 @@ from moecl.mlops.lifecycle import heartbeating
 from moecl.mlops.validation import ValidationRules
 from moecl.mlops.versioning import DataVersion
 
+from . import shipped
+from .containers import StepContainers
 from .pipeline import build
 
 SETTINGS = Path(__file__).with_name("settings.yaml")  # the demo's small budget
-PRODUCTION_SETTINGS = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "base" / "pipeline-settings.yaml"
+# The production settings' ConfigMap (infra/k8s/base), carried by the package: `compile` reads it; a
+# trigger on the cluster passes the mounted ConfigMap with --settings instead.
+PRODUCTION_SETTINGS = shipped("infra") / "k8s" / "base" / "pipeline-settings.yaml"
 from components import CLUSTER_SETTINGS as CLUSTER
 log = logging.getLogger("moecl.launcher")
 
@@ -70,6 +74,9 @@ class PipelineSettings:
 class Workdir:
     """Where an embedded run keeps its state: MLflow (sqlite + artifacts) and KFP outputs/cache."""
     root: Path
+
+    def __post_init__(self):  # absolute: step containers see the folder at the same path
+        self.root = Path(self.root).resolve()
 
     @property
     def tracking_uri(self) -> str:
@@ -124,22 +131,27 @@ class StepOutput(io.TextIOBase):
 
 
 def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Workdir, run_id: str,
-                 verbose: bool = False) -> None:
-    """Run the whole DAG on this machine, each step a subprocess in the current environment, keeping
-    the run's lease while it works. An interrupted or failed run is marked failed (to be retried);
-    a version refused by validation raises Refused. The steps' full output goes to
-    <workdir>/logs/<run id>.log (and to the terminal with `verbose`)."""
+                 verbose: bool = False, containers: StepContainers | None = None) -> None:
+    """Run the whole DAG on this machine, keeping the run's lease while it works: each step a
+    subprocess in the current environment, or with `containers` a container of the project's image.
+    An interrupted or failed run is marked failed (to be retried); a version refused by validation
+    raises Refused. The steps' full output goes to <workdir>/logs/<run id>.log (and to the terminal
+    with `verbose`)."""
     from kfp import local
 
     workdir.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = workdir.tracking_uri
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir.root / "pipeline-root"),
-               raise_on_error=True)
+    runner = containers.runner() if containers else local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str((workdir.root / "pipeline-root").resolve()), raise_on_error=True)
+    in_containers = contextlib.nullcontext()
+    if containers:  # the steps write the run's store and read the data remote where the host keeps them
+        remote = [] if "://" in version.remote else [Path(version.remote)]
+        in_containers = containers.active(workdir.root / "home", [workdir.root, *remote])
     log_file = workdir.root / "logs" / f"{run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(StepOutput(log_file, sys.stdout))
     try:
-        with heartbeating(tracking_uri, run_id), output:
+        with heartbeating(tracking_uri, run_id), output, in_containers:
             deployed_pipeline(settings)(**arguments(settings, version, tracking_uri, run_id))
     except KeyboardInterrupt:
         steps.fail_run(tracking_uri, run_id, "interrupted")
@@ -162,11 +174,15 @@ def step_memory(parameters: float, precision: str) -> dict[str, str]:
     return {"memory_request": f"{math.ceil(weights + 6)}Gi", "memory_limit": f"{math.ceil(1.5 * weights + 8)}Gi"}
 
 
-def cluster_settings() -> tuple[dict, dict, dict]:
+def production_settings() -> "PipelineSettings":
+    return PipelineSettings.from_configmap(PRODUCTION_SETTINGS)
+
+
+def cluster_settings(production: "PipelineSettings | None" = None) -> tuple[dict, dict, dict]:
     """(GPU step settings, TrainJob settings, Secrets per step) of the cluster: GPU steps sized for
-    the production backbone in its precision; a TrainJob runs the pipeline's own image."""
+    the backbone of the settings the runs use, in its precision; a TrainJob runs the pipeline's own image."""
     cluster = yaml.safe_load(CLUSTER.read_text())
-    production = PipelineSettings.from_configmap(PRODUCTION_SETTINGS)
+    production = production or production_settings()
     precision = production.training.get("train", {}).get("precision", "fp32")
     gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision)}
     return gpu, {"image": cluster["image"], **cluster["train_job"]}, cluster["step_secrets"]
@@ -177,9 +193,11 @@ def deployed_pipeline(settings: PipelineSettings, *cluster):
     return build(*cluster, deployed_rules=settings.validation, deployed_gate=settings.gate)
 
 
-def cluster_pipeline():
-    """The pipeline as the cluster runs it (infra/cluster.yaml, the production settings' rules and gate)."""
-    return deployed_pipeline(PipelineSettings.from_configmap(PRODUCTION_SETTINGS), *cluster_settings())
+def cluster_pipeline(settings: "PipelineSettings | None" = None):
+    """The pipeline as the cluster runs it: infra/cluster.yaml, and the rules, gate and step sizes of
+    `settings` (default: the production settings the package carries)."""
+    settings = settings or production_settings()
+    return deployed_pipeline(settings, *cluster_settings(settings))
 
 
 class KubeflowRuns:
@@ -216,7 +234,7 @@ def submit(version: DataVersion, settings: PipelineSettings, host: str, tracking
             import kfp
 
             client = kfp.Client(host=host)
-        result = client.create_run_from_pipeline_func(cluster_pipeline(),
+        result = client.create_run_from_pipeline_func(cluster_pipeline(settings),
                                                       arguments=arguments(settings, version, tracking_uri, run_id),
                                                       run_name=f"moecl-data-{version.short}", experiment_name=experiment)
     except BaseException:

@@ -39,18 +39,19 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secre
           deployed_rules: "dict | None" = None, deployed_gate: "dict | None" = None):
     """The pipeline function; with `gpu` settings, train and evaluate go to the GPU node pool. With a
     `train_job` of several nodes, training runs as a Kubeflow TrainJob and the train step only
-    submits it and waits (so it needs no GPU itself). `step_secrets`: Secrets per step (cluster).
+    submits it and waits (so it needs no GPU itself); the TrainJob settings are compiled in, not a run
+    parameter, so where train runs and how it trains cannot disagree. `step_secrets`: Secrets per step (cluster).
     `deployed_rules` / `deployed_gate`: the data rules and gate thresholds, compiled in as constants,
     so a run's `rules_json` / `thresholds_json` can only tighten them."""
     multi_node = (train_job or {}).get("nodes", 1) > 1
-    train_job_default = json.dumps(train_job or {})
+    train_job_compiled = json.dumps(train_job or {})
     rules, gate = json.dumps(deployed_rules or {}), json.dumps(deployed_gate or {})
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Add each new task dataset version to the MoE-CL champion "
                   "without forgetting: validate, train, evaluate every task, register, gated promotion.")
     def continual_training(data_version: str, data_remote: str, tracking_uri: str, run_id: str,
                            parent_version: str = "", model_name: str = "moecl", settings_json: str = "{}",
-                           rules_json: str = "{}", thresholds_json: str = "{}", train_job_json: str = train_job_default):
+                           rules_json: str = "{}", thresholds_json: str = "{}"):
         common = {"tracking_uri": tracking_uri, "model_name": model_name, "run_id": run_id}
         closing = finalize(tracking_uri=tracking_uri, run_id=run_id)
         closing.set_display_name("finalize").set_caching_options(False)
@@ -61,7 +62,7 @@ def build(gpu: "dict | None" = None, train_job: "dict | None" = None, step_secre
             validated.set_display_name("validate")
             trained = train(**common, parent_version=parent_version, settings_json=settings_json,
                             task_versions=validated.outputs["Output"], data_remote=data_remote, data_version=data_version,
-                            train_job_json=train_job_json, dataset=validated.outputs["dataset"])
+                            train_job_json=train_job_compiled, dataset=validated.outputs["dataset"])
             evaluated = evaluate(**common, parent_version=parent_version, settings_json=settings_json,
                                  train_summary=trained.outputs["Output"], dataset=validated.outputs["dataset"],
                                  model=trained.outputs["model"])

@@ -157,8 +157,11 @@ def test_multi_node_training_takes_the_train_step_off_the_gpu_pool(tmp_path):
     executors = spec["deploymentSpec"]["executors"]
     assert "accelerator" not in executors["exec-train"]["container"].get("resources", {})
     assert "accelerator" in executors["exec-evaluate"]["container"]["resources"]
-    default = spec["root"]["inputDefinitions"]["parameters"]["train_job_json"]["defaultValue"]
-    assert json.loads(default)["nodes"] == 4
+    # The TrainJob settings are a constant of the train task, not a run parameter that could ask for
+    # one node of a pipeline compiled to train off the GPU pool.
+    assert "train_job_json" not in spec["root"]["inputDefinitions"]["parameters"]
+    train_inputs = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert json.loads(train_inputs["train_job_json"]["runtimeValue"]["constant"])["nodes"] == 4
 
 
 class LocalNodes:
@@ -167,6 +170,7 @@ class LocalNodes:
 
     def __init__(self):
         self.jobs: dict[str, dict] = {}
+        self.deleted: list[str] = []
 
     def get_runtime(self, name):
         return name
@@ -177,9 +181,16 @@ class LocalNodes:
         trainer.func(**trainer.func_args)
         return name
 
-    def wait_for_job_status(self, name, status, timeout, polling_interval, callbacks):
-        for callback in callbacks:
-            callback(types.TrainJob(name, None, [types.Step("node-0", "Succeeded", "p")], 2, datetime.now(), "Complete"))
+    def get_job(self, name):
+        return _job(name, "Complete")
+
+    def delete_job(self, name):
+        self.deleted.append(name)
+
+
+def _job(name: str, status: str) -> types.TrainJob:
+    step = {"Complete": "Succeeded", "Failed": "Failed", "Running": "Running"}.get(status, "Pending")
+    return types.TrainJob(name, None, [types.Step("node-0", step, "p")], 2, datetime.now(), status)
 
 
 def test_the_train_step_gets_its_candidate_from_a_multi_node_job(tmp_path):
@@ -199,18 +210,115 @@ def test_the_train_step_gets_its_candidate_from_a_multi_node_job(tmp_path):
     assert read_manifest(tmp_path / "model")["tasks"] == ["topics"]  # the job's checkpoint, fetched from MLflow
     tags = registry.connect(tracking_uri).get_run(run_id).data.tags
     assert tags["trainjob.name"] == "job0" and tags["trainjob.status.trainjob"] == "Complete"
+    assert nodes.deleted == []  # a completed job is left to the TrainJob's own clean-up
+
+    # The step retried (its first pod was killed): the first attempt's job is deleted before the next.
+    steps.train(tracking_uri, "moecl", "", run_id, settings, "", json.dumps(task_versions(version)),
+                str(tmp_path / "model"), version.remote, version.hash, {"nodes": 2}, client=nodes)
+    assert nodes.deleted == ["job0"] and list(nodes.jobs) == ["job0", "job1"]
 
 
-def test_a_failed_job_fails_the_step_with_the_nodes_log():
+def test_a_failed_job_fails_the_step_with_the_nodes_log_and_is_deleted():
     class FailingNodes(LocalNodes):
-        def train(self, runtime, trainer, options):
-            return "job9"
-
-        def wait_for_job_status(self, name, status, timeout, polling_interval, callbacks):
-            raise RuntimeError(f"TrainJob {name} is Failed")
+        def get_job(self, name):
+            return _job(name, "Failed")
 
         def get_job_logs(self, name):
             return iter(["loading backbone", "CUDA out of memory"])
 
-    with pytest.raises(RuntimeError, match="(?s)job9.*CUDA out of memory"):
-        trainjob.wait(FailingNodes(), "job9", _settings(nodes=2), lambda *_: None)
+    nodes = FailingNodes()
+    with pytest.raises(trainjob.TrainJobFailed, match="(?s)job9.*CUDA out of memory"):
+        trainjob.wait(nodes, "job9", _settings(nodes=2), lambda *_: None)
+    assert nodes.deleted == ["job9"]
+
+
+class ScriptedNodes(LocalNodes):
+    """A cluster whose status reads follow a script: a status, or an exception to raise."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self.reads = list(script), 0
+
+    def get_job(self, name):
+        self.reads += 1
+        answer = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(answer, BaseException) or callable(answer):
+            raise answer() if callable(answer) else answer
+        return _job(name, answer)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def _wait(nodes, **settings):
+    clock = Clock()
+    trainjob.wait(nodes, "job1", _settings(nodes=2, poll_seconds=30, **settings), lambda *_: None, clock, clock.sleep)
+    return clock
+
+
+def test_transient_status_errors_are_retried_and_a_lost_job_is_deleted():
+    flaky = ScriptedNodes(["Running", RuntimeError("connection reset"), RuntimeError("503"), "Running", "Complete"])
+    _wait(flaky)
+    assert flaky.reads == 5 and flaky.deleted == []
+
+    lost = ScriptedNodes(["Running", RuntimeError("Unauthorized")])
+    with pytest.raises(trainjob.TrainJobFailed, match="unreadable 5 times"):
+        _wait(lost)
+    assert lost.reads == 6 and lost.deleted == ["job1"]
+
+
+def test_a_job_that_never_starts_or_never_ends_is_deleted_in_time():
+    pending = ScriptedNodes(["Created"])
+    with pytest.raises(trainjob.TrainJobFailed, match="did not start within 1800s"):
+        _wait(pending, start_timeout_seconds=1800)
+    assert pending.deleted == ["job1"] and pending.reads == 1800 // 30 + 2
+
+    endless = ScriptedNodes(["Running"])
+    with pytest.raises(trainjob.TrainJobFailed, match="still running after 7200s"):
+        _wait(endless, timeout_seconds=7200)
+    assert endless.deleted == ["job1"]
+
+
+def test_the_step_being_stopped_deletes_its_job():
+    """Kubernetes stops the step's pod with SIGTERM (step timeout, run terminated, node drained)."""
+    import os
+    import signal
+
+    def stopped():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return RuntimeError("not reached")
+
+    nodes = ScriptedNodes(["Running", stopped, "Running"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(BaseException, match="signal 15"):
+        _wait(nodes)
+    assert nodes.deleted == ["job1"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_the_job_pods_meet_the_restricted_pod_security_profile_and_get_shm_and_the_backbone_volume():
+    api = ClusterApi()
+    trainjob.submit(cluster_client(api), _settings(nodes=2, backbone_claim="moecl-backbones"), {"run_id": "r"})
+    [patch] = api.created[0]["body"]["spec"]["runtimePatches"]
+    [replicated] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    assert replicated["name"] == "node"
+    assert RESTRICTED_POD.items() <= pod["securityContext"].items() and pod["securityContext"]["runAsUser"] != 0
+    [container] = pod["containers"]
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert volumes[mounts[trainjob.BACKBONE_CACHE]]["persistentVolumeClaim"]["claimName"] == "moecl-backbones"

@@ -240,6 +240,9 @@ def train_in_job(tracking_uri: str, model_name: str, parent_version: str, run_id
                 mlflow.log_dict(summary, f"{CANDIDATE_ARTIFACTS}-summary.json")
 
 
+TAG_TRAINJOB = "trainjob.name"
+
+
 def _train_on_nodes(tracking_uri: str, model_name: str, parent_version: str, run_id: str, settings: dict,
                     data_remote: str, data_version: str, task_versions_json: str, job: TrainJobSettings,
                     model_dir: str, client=None) -> dict:
@@ -254,8 +257,11 @@ def _train_on_nodes(tracking_uri: str, model_name: str, parent_version: str, run
     args = {"tracking_uri": tracking_uri, "model_name": model_name, "parent_version": parent_version, "run_id": run_id,
             "settings": settings, "data_remote": data_remote, "data_version": data_version,
             "task_versions_json": task_versions_json}
+    earlier = tracking.get_run(run_id).data.tags.get(TAG_TRAINJOB)
+    if earlier:  # a retry of this step: the attempt that was killed may have left its job running
+        trainjob.delete(client, earlier, reason="the train step was retried")
     name = trainjob.submit(client, job, args)
-    tracking.set_tag(run_id, "trainjob.name", name)
+    tracking.set_tag(run_id, TAG_TRAINJOB, name)
 
     def report(part: str, state: str) -> None:
         log.info("TrainJob %s: %s %s", name, part, state)

@@ -9,13 +9,23 @@ up: nothing but MLflow and the DVC remote is shared between the step's pod and t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("moecl.trainjob")
 CANDIDATE_ARTIFACTS = "candidate"  # the run's artifact folder the job writes the checkpoint to
 TRAINER_CONTAINER = "node"  # the container a torch-distributed runtime runs the trainer in
+IMAGE_UID = 1000  # the image's user (infra/Dockerfile)
+BACKBONE_CACHE = "/home/moecl/.cache/moecl"  # MOECL_CACHE in the image
+
+
+class TrainJobFailed(RuntimeError):
+    """The job failed, was not admitted or started in time, or could not be watched; it was deleted."""
 
 
 @dataclass
@@ -27,7 +37,13 @@ class TrainJobSettings:
     image: str | None = None  # default: the runtime's image; the pipeline passes its own (moecl installed)
     namespace: str | None = None  # default: the namespace the step's pod runs in
     timeout_seconds: int = 86400
+    # A job whose nodes are not all running by then (not admitted, no capacity) is deleted and fails,
+    # rather than holding the train step for `timeout_seconds`.
+    start_timeout_seconds: int = 1800
     poll_seconds: int = 30
+    max_api_errors: int = 5  # consecutive failed status reads before the job counts as lost
+    shm_size: str = "16Gi"  # /dev/shm (memory-backed) for NCCL and DataLoader workers
+    backbone_claim: str | None = None  # a PVC holding the converted backbones (infra/k8s/base/backbones.yaml)
     env: dict[str, str] = field(default_factory=dict)  # plain settings (S3 endpoint, region, ...)
     # Variables read from Kubernetes Secrets: {NAME: {name: <secret>, key: <key>}} (hub token, S3 keys)
     secret_env: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -58,15 +74,25 @@ def encode_arguments(step_args: dict) -> str:
 
 
 def _options(settings: TrainJobSettings) -> list:
+    """What the runtime's pods need beyond the SDK's defaults: the restricted Pod Security profile the
+    namespace enforces (non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp),
+    /dev/shm for NCCL, the backbone volume and the Secrets as environment variables."""
     from kubeflow.trainer.options.kubernetes import (ContainerPatch, JobSetSpecPatch, JobSetTemplatePatch,
                                                      JobSpecPatch, JobTemplatePatch, PodSpecPatch, PodTemplatePatch,
                                                      ReplicatedJobPatch, RuntimePatch, TrainingRuntimeSpecPatch)
 
-    if not settings.secret_env:
-        return []
     env = [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}
            for name, ref in sorted(settings.secret_env.items())]
-    pod = PodTemplatePatch(spec=PodSpecPatch(containers=[ContainerPatch(name=TRAINER_CONTAINER, env=env)]))
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if settings.backbone_claim:
+        volumes.append({"name": "backbones", "persistentVolumeClaim": {"claimName": settings.backbone_claim}})
+        mounts.append({"name": "backbones", "mountPath": BACKBONE_CACHE})
+    container = ContainerPatch(name=TRAINER_CONTAINER, env=env or None, volume_mounts=mounts, security_context={
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True})
+    pod = PodTemplatePatch(spec=PodSpecPatch(containers=[container], volumes=volumes, security_context={
+        "runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+        "seccompProfile": {"type": "RuntimeDefault"}}))
     job = ReplicatedJobPatch(name=TRAINER_CONTAINER, template=JobTemplatePatch(spec=JobSpecPatch(template=pod)))
     spec = TrainingRuntimeSpecPatch(template=JobSetTemplatePatch(spec=JobSetSpecPatch(replicated_jobs=[job])))
     return [RuntimePatch(training_runtime_spec=spec)]
@@ -96,11 +122,73 @@ def status_reporter(report: Callable[[str, str], None]) -> Callable:
     return callback
 
 
-def wait(client, name: str, settings: TrainJobSettings, report: Callable[[str, str], None]) -> None:
-    """Block until the TrainJob completes; raise with the first node's log tail when it fails."""
+def wait(client, name: str, settings: TrainJobSettings, report: Callable[[str, str], None],
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Block until the TrainJob completes. A few failed status reads in a row are retried (the API
+    server restarts, a watch times out); a job that fails, does not start within
+    `start_timeout_seconds`, outlives `timeout_seconds` or can no longer be read raises TrainJobFailed
+    (with the first node's log tail when there is one). Whatever ends the wait but completion (also
+    the step itself being stopped: SIGTERM) deletes the job, so no nodes are left training for nobody."""
+    started = clock()
+    seen = status_reporter(report)
+    errors = 0
+    with _deleted_unless_complete(client, name):
+        while True:
+            try:
+                job = client.get_job(name)
+                errors = 0
+            except Exception as err:  # the SDK wraps every API failure in RuntimeError or its own types
+                errors += 1
+                if errors >= settings.max_api_errors:
+                    raise TrainJobFailed(f"TrainJob {name}: status unreadable {errors} times in a row: {err}") from err
+                log.warning("TrainJob %s: status read failed (%d/%d): %s", name, errors, settings.max_api_errors, err)
+            else:
+                seen(job)
+                if job.status == "Complete":
+                    return
+                if job.status == "Failed":
+                    raise TrainJobFailed(f"TrainJob {name} failed\n" + _log_tail(client, name))
+                waited = clock() - started
+                if job.status != "Running" and waited > settings.start_timeout_seconds:
+                    raise TrainJobFailed(f"TrainJob {name} did not start within {settings.start_timeout_seconds}s "
+                                         f"(status {job.status}: capacity, quota or admission)")
+            if clock() - started > settings.timeout_seconds:
+                raise TrainJobFailed(f"TrainJob {name} still running after {settings.timeout_seconds}s")
+            sleep(settings.poll_seconds)
+
+
+def _log_tail(client, name: str, lines: int = 40) -> str:
     try:
-        client.wait_for_job_status(name, status={"Complete"}, timeout=settings.timeout_seconds,
-                                   polling_interval=settings.poll_seconds, callbacks=[status_reporter(report)])
-    except RuntimeError as err:
-        tail = list(client.get_job_logs(name))[-40:]
-        raise RuntimeError(f"TrainJob {name} failed: {err}\n" + "\n".join(tail)) from err
+        return "\n".join(list(client.get_job_logs(name))[-lines:])
+    except Exception as err:
+        return f"(no logs: {err})"
+
+
+class _Stopped(BaseException):
+    """SIGTERM while waiting: Kubernetes stops the step's pod (timeout, run terminated, node drained)."""
+
+
+@contextlib.contextmanager
+def _deleted_unless_complete(client, name: str):
+    def stop(signum, frame):
+        raise _Stopped(f"signal {signum}")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        yield
+    except BaseException as err:
+        delete(client, name, reason=repr(err))
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def delete(client, name: str, reason: str = "") -> None:
+    """Delete a TrainJob (its JobSet and pods go with it); one already gone is fine."""
+    try:
+        client.delete_job(name)
+        log.warning("TrainJob %s deleted (%s)", name, reason)
+    except Exception as err:
+        log.warning("TrainJob %s: could not delete it (%s): %s", name, reason, err)

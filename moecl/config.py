@@ -112,6 +112,9 @@ class EvalConfig:
     forward_transfer: bool = False
     every_stage: bool = True  # False: only the stage's own tasks after each stage, every task after the last
     routing: bool = True  # report task-free routing accuracy per task on the test sets
+    # Reuse a task's accuracy while nothing its answers read has changed (ContinualModel.scoring_digest):
+    # an old task whose expert, gate and shared snapshot are frozen is not scored again after each stage.
+    reuse: bool = True
     # The business metric (pipeline evaluation): the share of a task's items answered automatically
     # with at least this precision, the most confident (largest label margin) first
     automation_precision: float = 0.95

@@ -6,13 +6,14 @@ only adapter tensors (experts, gates, discriminators, heads) are trainable or sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_PROJECTIONS, LoraConfig
-from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing
+from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing, snapshot_name
 from .task_router import TaskRouter
 
 METHOD_ROUTING = {
@@ -231,6 +232,35 @@ class ContinualModel(nn.Module):
         correct = (logits.argmax(-1) == labels).float()
         accuracy = (correct * row_weight).sum(-1).mean().item()
         return loss, accuracy
+
+    def scoring_groups(self, task: str) -> list[str]:
+        """The adapter groups (`adapter_groups`) a task's answers are computed from, given the task:
+        its expert with its gates, the shared expert it reads (its snapshot, once it has one), every
+        task expert in weight-space sum mode, and its head. Nothing with the bare backbone. The
+        discriminators and the task-free router never take part in scoring."""
+        if self.routing.bypass:
+            return []
+        mode, groups = self.routing.mode, []
+        if mode in ("gated", "shared"):
+            snapshot = snapshot_name(task)
+            groups.append(f"expert-{snapshot if snapshot in self.wrapped[0].experts else SHARED}")
+        if mode in ("gated", "task"):
+            groups.append(f"expert-{task}")
+        if mode == "sum":
+            groups += [f"expert-{t}" for t in self.routing.task_experts]
+        if task in self.heads:
+            groups.append(f"head-{task}")
+        return groups
+
+    def scoring_digest(self, task: str) -> str:
+        """A digest of every tensor `task`'s answers read (besides the frozen backbone): equal digests,
+        equal answers on the same inputs and settings."""
+        groups, digest = self.adapter_groups(), hashlib.sha256()
+        for group in self.scoring_groups(task):
+            for name, tensor in sorted(groups[group].items()):
+                digest.update(f"{group}/{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def adapter_groups(self) -> dict[str, dict[str, torch.Tensor]]:
         """Adapter tensors grouped for saving: one group per expert (a task's gates go with it),

@@ -123,12 +123,24 @@ class Trainer:
         self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
+        self.scored: dict[tuple, float] = {}  # (task, scoring digest, labels) -> accuracy: see evaluate
+        self.reused = 0  # evaluations answered from `scored`
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
         self.on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint written (rank 0)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
-        """Accuracy on the task's test set; each process scores its share and the hits are summed."""
+        """Accuracy on the task's test set; each process scores its share and the hits are summed.
+        With `eval.reuse`, an accuracy is reused while the tensors the task's answers read are
+        unchanged (the test set and scoring settings are fixed for the run)."""
+        key = (task.name, self.model.scoring_digest(task.name), tuple(self.model.labels[task.name]))
+        if self.cfg.eval.reuse and key in self.scored:
+            self.reused += 1
+            return self.scored[key]
+        self.scored[key] = self._score(task)
+        return self.scored[key]
+
+    def _score(self, task: TaskData) -> float:
         examples = self.test_sets[task.name]
         mine, real = self.world.even_shard(examples)
         predicted = predict(self.model, self.prompts[task.name], [e.text for e in mine], self.cfg.eval.batch_size,

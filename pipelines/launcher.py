@@ -145,7 +145,7 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
     local.init(runner=runner, pipeline_root=str((workdir.root / "pipeline-root").resolve()), raise_on_error=True)
     in_containers = contextlib.nullcontext()
     if containers:  # the steps write the run's store and read the data remote where the host keeps them
-        remote = [] if "://" in version.remote else [Path(version.remote)]
+        remote = [] if "://" in version.remote_url else [Path(version.remote_url)]
         in_containers = containers.active(workdir.root / "home", [workdir.root, *remote])
     log_file = workdir.root / "logs" / f"{run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,10 @@ def cluster_settings(production: "PipelineSettings | None" = None) -> tuple[dict
     cluster = yaml.safe_load(CLUSTER.read_text())
     production = production or production_settings()
     precision = production.training.get("train", {}).get("precision", "fp32")
-    gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision)}
-    return gpu, {"image": cluster["image"], **cluster["train_job"]}, cluster["step_secrets"]
+    gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision),
+           "cache_claim": cluster.get("cache_claim")}
+    train_job = {"image": cluster["image"], "cache_claim": cluster.get("cache_claim"), **cluster["train_job"]}
+    return gpu, train_job, cluster["step_secrets"]
 
 
 def deployed_pipeline(settings: PipelineSettings, *cluster):

@@ -10,6 +10,7 @@ from components.promote import promote
 from components.register import register
 from components.train import train
 from components.validate_data import validate_data
+from moecl.mlops.trainjob import CACHE_DIR
 
 PIPELINE_NAME = "moecl-continual-training"
 
@@ -25,6 +26,8 @@ def _on_gpu_pool(task: dsl.PipelineTask, gpu: dict) -> None:
         kubernetes.add_toleration(task, **toleration)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                size_limit=gpu["shm_size"])
+    if gpu.get("cache_claim"):  # the steps that load a backbone read it from the cluster's one copy
+        kubernetes.mount_pvc(task, pvc_name=gpu["cache_claim"], mount_path=CACHE_DIR)
     kubernetes.set_timeout(task, gpu["timeout_seconds"])
 
 

@@ -28,7 +28,7 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 
 # torch as the host resolves it (a local wheel where the host keeps one; a CPU build, not CUDA's).
 wheels="$(mktemp -d)"
-pip download --no-deps --dest "$wheels" "$TORCH" --quiet
+${PIP:-python3 -m pip} download --no-deps --dest "$wheels" "$TORCH" --quiet
 mkdir -p "$root/tmp/wheels" && cp "$wheels"/*.whl "$root/tmp/wheels/" && rm -rf "$wheels"
 mount -t proc proc "$root/proc"
 chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin PIP_CERT=/etc/ssl/certs/ca-certificates.crt \

@@ -11,7 +11,7 @@ IMAGE="${IMAGE:-localhost/moecl:test}"
 
 if [ -z "${ENGINE:-}" ]; then
     if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap uidmap >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap uidmap >/dev/null
     fi
     ENGINE=podman
 fi

@@ -78,3 +78,27 @@ class PostgresServer:
         self.mlflow.wait(timeout=30)
         self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_endpoint(tmp_path):
+    """An S3-compatible object store on loopback (moto's server: the S3 API, real HTTP), with a bucket
+    `data`. Only its URL says where it is: nothing in the environment points at it."""
+    port = _free_port()
+    log = (tmp_path / "s3.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        urllib.request.urlopen(urllib.request.Request(f"{url}/data", method="PUT"), timeout=10)  # the bucket
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()

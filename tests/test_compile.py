@@ -66,6 +66,7 @@ def test_the_deployed_gate_and_data_rules_are_compiled_in_not_run_parameters(tmp
 
 
 def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
+    from moecl.mlops.trainjob import CACHE_DIR
     from pipelines.launcher import cluster_settings
 
     _, (spec, platform) = _compiled(tmp_path)
@@ -83,6 +84,8 @@ def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
         assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         assert settings["emptyDirMounts"][0]["sizeLimit"] == gpu["shm_size"]
         assert settings["activeDeadlineSeconds"] == str(gpu["timeout_seconds"])
+        [cache] = settings["pvcMount"]  # the backbone comes from the cluster's one copy
+        assert cache["mountPath"] == CACHE_DIR and cache["constant"] == gpu["cache_claim"] == CLUSTER["cache_claim"]
     for step in ("validate-data", "register", "promote"):
         assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get("resources", {})
 
@@ -90,8 +93,9 @@ def test_train_and_evaluate_go_to_the_gpu_pool(tmp_path):
 def test_every_step_runs_in_the_dockerfile_image(tmp_path):
     _, (spec, _) = _compiled(tmp_path)
     dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
-    assert f"kfp=={kfp.__version__}" in dockerfile  # the executor below comes from this kfp
-    assert re.search(r"pip install[^\n]*\\\n\s+/opt/moecl\b", dockerfile)  # and moecl itself
+    # The image installs pyproject's dependencies, so the executor below comes from this kfp; and moecl itself.
+    assert f"kfp=={kfp.__version__}" in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"pip install --no-cache-dir --no-deps /opt/moecl\b", dockerfile)
     for name, executor in spec["deploymentSpec"]["executors"].items():
         container = executor["container"]
         assert container["image"] == CLUSTER["image"], name
@@ -108,3 +112,39 @@ def test_steps_that_need_no_model_start_without_torch_or_great_expectations():
              "from moecl.mlops import steps; print(sorted(m for m in %r if m in sys.modules))" % (heavy,))
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_a_submitted_run_is_sized_and_gated_by_the_settings_it_runs_with(tmp_path):
+    """The trigger passes the mounted production ConfigMap (--settings): the GPU steps' memory and
+    the compiled-in gate come from it, not from the copy inside the image."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from moecl.mlops.versioning import DataVersion
+    from pipelines.launcher import PipelineSettings, production_settings, step_memory, submit
+
+    production = production_settings()
+    mounted = PipelineSettings(production.model_name, {**production.training, "train": {
+        **production.training.get("train", {}), "precision": "fp32"}}, production.validation,
+        {**production.gate, "min_new_task_accuracy": 0.61})
+    submitted = tmp_path / "submitted.yaml"
+
+    class Cluster:
+        def create_run_from_pipeline_func(self, func, arguments, run_name, experiment_name):
+            from kfp import compiler
+
+            compiler.Compiler().compile(func, str(submitted))
+            return SimpleNamespace(run_id="kfp-1")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("moecl")).info.run_id
+    submit(DataVersion("a" * 32, "s3://b/dvc"), mounted, "http://kfp", uri, run_id, client=Cluster())
+
+    spec = next(yaml.safe_load_all(submitted.read_text()))
+    limit = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["resourceMemoryLimit"]
+    assert limit == step_memory(float(CLUSTER["gpu"]["backbone_parameters"]), "fp32")["memory_limit"]
+    assert production.training["train"]["precision"] != "fp32"  # so the image's copy would size it otherwise
+    promote = _steps(spec)["promote"]["inputs"]["parameters"]
+    assert '"min_new_task_accuracy": 0.61' in promote["deployed_thresholds_json"]["runtimeValue"]["constant"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import tomllib
 import shutil
 import subprocess
 import sys
@@ -497,7 +498,7 @@ def test_moecl_image_and_user_match_cluster_yaml_and_dockerfile(kdir):
 
 def test_cluster_yaml_shape_and_types():
     config = cluster()
-    assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job", "step_secrets"}
+    assert set(config) == {"image", "gpu", "mlflow_tracking_uri", "train_job", "step_secrets", "cache_claim"}
     from moecl.mlops.trainjob import TrainJobSettings
 
     job = TrainJobSettings.from_dict(config["train_job"])  # every key is a setting the train step reads
@@ -531,6 +532,22 @@ def test_cluster_yaml_shape_and_types():
     assert type(gpu["retries"]) is int and 0 <= gpu["retries"] <= 10
 
 
+@KDIRS
+def test_the_backbone_cache_is_one_shared_volume_at_the_images_cache_folder(kdir):
+    from moecl.mlops.trainjob import CACHE_DIR
+
+    objects, _ = rendered(kdir)
+    claim = named(objects, "PersistentVolumeClaim", cluster()["cache_claim"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # GPU steps and a TrainJob's nodes at once
+    assert quantity(claim["spec"]["resources"]["requests"]["storage"]) >= 50 * 2**30  # a 7B backbone is 13 GB
+    env = {}
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    assert env["XDG_CACHE_HOME"] == CACHE_DIR
+    assert env["MOECL_CACHE"].startswith(CACHE_DIR + "/") and env["HF_HOME"].startswith(CACHE_DIR + "/")
+
+
 def test_cluster_yaml_mlflow_uri_is_the_mlflow_service():
     objects, _ = rendered(K8S / "base")
     uri = urlparse(cluster()["mlflow_tracking_uri"])
@@ -550,14 +567,18 @@ def dockerfile_user() -> str:
     return users[-1]
 
 
-def test_dockerfile_base_image_is_pinned():
-    froms = [args.split()[0] for keyword, args in dockerfile_instructions() if keyword == "FROM"]
-    assert froms
-    for image in froms:
-        assert "$" not in image, "FROM must not depend on a build arg"
-        assert_pinned(image, "Dockerfile FROM")
-    repo, tag, _ = split_image(froms[0])
-    assert repo.endswith("pytorch/pytorch") and re.search(r"-cuda12\.\d+-cudnn\d+-runtime$", tag), froms[0]
+def test_dockerfile_base_image_is_pinned_and_fully_qualified():
+    instructions = dockerfile_instructions()
+    assert not DOCKERFILE.read_text().startswith("# syntax"), "a syntax line makes BuildKit fetch a frontend"
+    froms = [args.split()[0] for keyword, args in instructions if keyword == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], "one stage, on the BASE_IMAGE build argument"
+    args = dict(a.split("=", 1) for keyword, a in instructions if keyword == "ARG" and "=" in a)
+    base = args["BASE_IMAGE"]  # the cluster's default; scripts/test-containers.sh passes a local one
+    assert_pinned(base, "Dockerfile ARG BASE_IMAGE")
+    repo, tag, _ = split_image(base)
+    assert repo == "docker.io/pytorch/pytorch", "unqualified names fail on podman/buildah"
+    assert re.search(r"-cuda12\.\d+-cudnn\d+-runtime$", tag), base
+    assert args["REQUIRE_CUDA"] == "1"
 
 
 def test_dockerfile_runs_as_fixed_non_root_user():
@@ -568,19 +589,27 @@ def test_dockerfile_runs_as_fixed_non_root_user():
     assert re.search(rf"useradd\b[^\n]*--uid {user}\b", text), "the UID is not created in the image"
 
 
-def test_dockerfile_installs_the_project_and_kfp():
+def test_dockerfile_installs_the_dependencies_before_the_source_and_the_project_as_a_user_would():
     instructions = dockerfile_instructions()
-    copies = [args.split() for keyword, args in instructions if keyword == "COPY"]
-    source_dirs = {parts[-1].rstrip("/") for parts in copies if parts[:-1] == ["."]}
-    assert source_dirs, "the source tree is not copied"
-    installs = [i for keyword, args in instructions if keyword == "RUN" for i in pip_installs(args)]
-    project = [i for i in installs if source_dirs & {t.split("[")[0].rstrip("/") for t in i}]  # path[extras]
-    assert project, "the copied project is never pip-installed"
+    copies = [(i, args.split()) for i, (keyword, args) in enumerate(instructions) if keyword == "COPY"]
+    [(manifest_at, _)] = [(i, parts) for i, parts in copies if parts[0] == "pyproject.toml"]
+    [(source_at, source)] = [(i, parts) for i, parts in copies if parts[0] == "."]
+    assert manifest_at < source_at, "a source change must not reinstall the dependencies"
+    runs = [(i, args) for i, (keyword, args) in enumerate(instructions) if keyword == "RUN"]
+    dependencies = [(i, tokens) for i, run in runs for tokens in pip_installs(run) if "-r" in tokens]
+    assert dependencies and all(manifest_at < i < source_at for i, _ in dependencies)
+    generated = next(run for i, run in runs if "tomllib" in run and manifest_at < i < source_at)
+    assert "['dependencies']" in generated and "extras['server']" in generated  # mlflow[auth] for the server
+    project = [tokens for i, run in runs if i > source_at for tokens in pip_installs(run)]
+    assert any(source[-1] in tokens and "--no-deps" in tokens and "-e" not in tokens for tokens in project)
+    installs = [tokens for _, run in runs for tokens in pip_installs(run)]
     assert all("--no-cache-dir" in i for i in installs)
-    assert any("kfp==2.17.0" in i for i in installs), "kfp==2.17.0 must be in the image"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "kfp==2.17.0" in pyproject["dependencies"], "kfp==2.17.0 must be in the image"
+    assert any(d.startswith("mlflow[auth]") for d in pyproject["optional-dependencies"]["server"])
     for tokens in installs:
         for token in tokens:
-            if token.startswith("-") or token.split("[")[0].rstrip("/") in source_dirs or token == ".":
+            if token.startswith("-") or token.startswith("/opt/"):
                 continue
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[A-Za-z0-9_.+\-]+", token), f"unpinned: {token}"
 

@@ -66,3 +66,42 @@ def test_prompt_truncates_only_the_text(tiny_model):
     assert encoded.text_length == prompt.text_budget  # the text, and only the text, was cut
     answer = [t for t in labels if t != -100]
     assert answer == prompt.answers[1] and answer[-1] == model.tokenizer.eos_token_id
+
+
+def _finished_labels(monkeypatch):
+    """A list that collects how many (prompt, label) continuations each scoring call runs."""
+    import moecl.scoring as scoring
+
+    finished, original = [], scoring._pad
+
+    def counting(rows, value, left, device):  # answer batches are the right-padded ones
+        if not left:
+            finished.append(len(rows))
+        return original(rows, value, left, device)
+
+    monkeypatch.setattr(scoring, "_pad", counting)
+    return finished
+
+
+def _shipped_label_sets() -> dict[str, list[str]]:
+    import json
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
+    return {d.name: json.loads((d / "labels.json").read_text()) for d in sorted(samples.iterdir())}
+
+
+def test_ranking_only_the_labels_that_can_place_gives_the_answers_and_margins_of_scoring_all(tiny_model):
+    """The shipped tasks' real label sets: the bounded ranking gives the argmax and margin of
+    exhaustive scoring (ties included: a random model's labels score alike)."""
+    from moecl.scoring import label_scores, margins, rank_labels
+
+    tasks = _shipped_label_sets()
+    model = _model_with_experts(tiny_model, tasks)
+    for task, labels in tasks.items():
+        prompt = TaskPrompt(model.tokenizer, task, labels, max_length=128)
+        texts = [f"{task} text {i}: " + " ".join(["word"] * (i % 7)) for i in range(24)]
+        exhaustive = label_scores(model, prompt, texts, batch_size=4)
+        best, sure = rank_labels(model, prompt, texts, batch_size=4)
+        assert best == exhaustive.argmax(-1).tolist(), task
+        assert torch.allclose(torch.tensor(sure), torch.tensor(margins(exhaustive)), atol=1e-4), task

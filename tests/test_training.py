@@ -232,3 +232,22 @@ def test_a_task_with_a_changed_label_set_is_retrained_with_a_new_classifier_head
     model, prompts, manifest = load_model(tmp_path / "again" / "checkpoint")
     assert manifest["labels"]["topics"] == prompts["topics"].labels == ["sports", "science", "politics", "economy"]
     assert model.heads["topics"].out_features == 4
+
+
+@pytest.mark.parametrize("method, retention, reused", [
+    ("moecl", "snapshot", 3),  # stage 2 reuses topics; stage 3 topics and sentiment: frozen expert, gate, snapshot
+    ("inc-lora", "snapshot", 3),  # an old task reads only its own frozen expert
+    ("moecl", "live", 0),  # old tasks read the live shared expert, which every stage trains
+    ("seq-lora", "snapshot", 0), ("olora", "snapshot", 0),  # one shared expert / a sum that grows
+])
+def test_reused_scores_leave_the_accuracy_matrix_as_scoring_everything(tmp_path, task_dirs, method, retention, reused):
+    def run(name, reuse):
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", task_dirs, method=method, train={"epochs": 1},
+                                       retention={"shared": retention}, eval={"batch_size": 4, "reuse": reuse}))
+        trainer = Trainer(cfg, tmp_path / name)
+        return trainer.run()["accuracy_matrix"], trainer.reused
+
+    fresh, none_reused = run("fresh", reuse=False)
+    matrix, count = run("reused", reuse=True)
+    assert matrix == fresh and none_reused == 0
+    assert count == reused

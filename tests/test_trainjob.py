@@ -307,9 +307,9 @@ def test_the_step_being_stopped_deletes_its_job():
 RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def test_the_job_pods_meet_the_restricted_pod_security_profile_and_get_shm_and_the_backbone_volume():
+def test_the_job_pods_meet_the_restricted_pod_security_profile_and_get_shm_and_the_cache_volume():
     api = ClusterApi()
-    trainjob.submit(cluster_client(api), _settings(nodes=2, backbone_claim="moecl-backbones"), {"run_id": "r"})
+    trainjob.submit(cluster_client(api), _settings(nodes=2, cache_claim="moecl-cache"), {"run_id": "r"})
     [patch] = api.created[0]["body"]["spec"]["runtimePatches"]
     [replicated] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = replicated["template"]["spec"]["template"]["spec"]
@@ -321,4 +321,4 @@ def test_the_job_pods_meet_the_restricted_pod_security_profile_and_get_shm_and_t
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-    assert volumes[mounts[trainjob.BACKBONE_CACHE]]["persistentVolumeClaim"]["claimName"] == "moecl-backbones"
+    assert volumes[mounts[trainjob.CACHE_DIR]]["persistentVolumeClaim"]["claimName"] == "moecl-cache"

@@ -164,7 +164,7 @@ def _log_dataset(version: DataVersion, versions: dict[str, str], dataset: Path) 
         counts = {split: sum(1 for line in path.open("rb") if line.strip()) if path.is_file() else 0  # bytes: bad data too
                   for split, path in files.items()}
         rows.append({"task": task, "task_version": digest, **counts})
-    table = mlflow.data.from_pandas(pd.DataFrame(rows), source=version.remote, name=f"data-{version.short}",
+    table = mlflow.data.from_pandas(pd.DataFrame(rows), source=version.remote_url, name=f"data-{version.short}",
                                     digest=version.hash[:36])
     mlflow.log_input(table, context="training", tags={"dvc_version": version.hash})
 
@@ -335,17 +335,17 @@ def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config
     """Per task, whether each test example (the same ones for every model) is answered right, and
     how sure each answer is (the label margin)."""
     from ..checkpoint import load_model
-    from ..scoring import label_scores, margins
+    from ..scoring import rank_labels
 
     model, prompts, _ = load_model(checkpoint)
     correct, sure = {}, {}
     for task in tasks:
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
-        scores = label_scores(model, prompts[task], [e.text for e in examples], settings.eval.batch_size, progress=True)
+        predicted, sure[task] = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
+                                            progress=True)
         answers = prompts[task].labels  # by name: a champion may know an older label set of the task
-        correct[task] = [answers[p] == data.labels[e.label] for p, e in zip(scores.argmax(-1).tolist(), examples)]
-        sure[task] = margins(scores)
+        correct[task] = [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]
     return correct, sure
 
 

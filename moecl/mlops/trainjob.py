@@ -21,7 +21,7 @@ log = logging.getLogger("moecl.trainjob")
 CANDIDATE_ARTIFACTS = "candidate"  # the run's artifact folder the job writes the checkpoint to
 TRAINER_CONTAINER = "node"  # the container a torch-distributed runtime runs the trainer in
 IMAGE_UID = 1000  # the image's user (infra/Dockerfile)
-BACKBONE_CACHE = "/home/moecl/.cache/moecl"  # MOECL_CACHE in the image
+CACHE_DIR = "/home/moecl/.cache"  # the image's XDG_CACHE_HOME: converted backbones (MOECL_CACHE), hub downloads
 
 
 class TrainJobFailed(RuntimeError):
@@ -43,7 +43,7 @@ class TrainJobSettings:
     poll_seconds: int = 30
     max_api_errors: int = 5  # consecutive failed status reads before the job counts as lost
     shm_size: str = "16Gi"  # /dev/shm (memory-backed) for NCCL and DataLoader workers
-    backbone_claim: str | None = None  # a PVC holding the converted backbones (infra/k8s/base/backbones.yaml)
+    cache_claim: str | None = None  # the PVC of backbones, shared by every step (infra/k8s/base/cache.yaml)
     env: dict[str, str] = field(default_factory=dict)  # plain settings (S3 endpoint, region, ...)
     # Variables read from Kubernetes Secrets: {NAME: {name: <secret>, key: <key>}} (hub token, S3 keys)
     secret_env: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -85,9 +85,9 @@ def _options(settings: TrainJobSettings) -> list:
            for name, ref in sorted(settings.secret_env.items())]
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}]
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
-    if settings.backbone_claim:
-        volumes.append({"name": "backbones", "persistentVolumeClaim": {"claimName": settings.backbone_claim}})
-        mounts.append({"name": "backbones", "mountPath": BACKBONE_CACHE})
+    if settings.cache_claim:
+        volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": settings.cache_claim}})
+        mounts.append({"name": "cache", "mountPath": CACHE_DIR})
     container = ContainerPatch(name=TRAINER_CONTAINER, env=env or None, volume_mounts=mounts, security_context={
         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True})
     pod = PodTemplatePatch(spec=PodSpecPatch(containers=[container], volumes=volumes, security_context={

@@ -3,12 +3,15 @@
 A dataset version is the content hash DVC records for `data/` (its `.dir` object); a task version is
 the hash of that task's file entries in the `.dir` listing. Pipeline steps fetch a version by its
 hash from the DVC remote, so what they train on is exactly what was validated, whatever the
-working copy holds by then.
+working copy holds by then. They reach the remote through DVC's own filesystem for it, built from
+the remote's own DVC config (endpoint, region, profile...), which travels with the version; its
+credentials do not (they come from the step's environment, as DVC reads them).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,10 +22,20 @@ DATA_DIR = "data"
 DVC_FILE = "data.dvc"
 
 
+# Remote options that are credentials: they stay where DVC keeps them (config.local, environment).
+SECRET_OPTION = re.compile(r"secret|password|token|key_id|account_key|credential|connection_string|sas|passphrase")
+
+
 @dataclass(frozen=True)
 class DataVersion:
     hash: str  # the md5 of the `.dir` object, without the '.dir' suffix
-    remote: str  # DVC remote URL or path the version was pushed to
+    # The DVC remote the version was pushed to: its URL or path, or, when its DVC config has options
+    # besides the URL, that config as JSON ({"url": ..., "endpointurl": ...}).
+    remote: str
+
+    @property
+    def remote_url(self) -> str:
+        return remote_config(self.remote)["url"]
 
     @property
     def short(self) -> str:
@@ -50,13 +63,26 @@ def init_project(project: str | Path, remote: str | Path) -> Path:
     return project
 
 
-def remote_url(project: str | Path) -> str:
+def remote_spec(project: str | Path) -> str:
+    """The project's default remote as a DataVersion names it: the URL alone, or its DVC config
+    (without credentials) as JSON when it has more options."""
+    from dvc.config_schema import SCHEMA
+
     repo = _dvc_repo(Path(project))
     try:
         name = repo.config["core"]["remote"]
-        return repo.config["remote"][name]["url"]
+        configured = dict(repo.config["remote"][name])
     finally:
         repo.close()
+    defaults = SCHEMA["remote"][str]({"url": configured["url"]})  # what DVC fills in for any remote
+    options = {k: v for k, v in configured.items()
+               if not SECRET_OPTION.search(k) and (k not in defaults or defaults[k] != v or k == "url")}
+    return options["url"] if set(options) == {"url"} else json.dumps(options, sort_keys=True)
+
+
+def remote_config(remote: str) -> dict:
+    """A DataVersion's remote as DVC config: {"url": ...} plus the remote's own options."""
+    return json.loads(remote) if remote.lstrip().startswith("{") else {"url": remote}
 
 
 def snapshot(project: str | Path) -> DataVersion:
@@ -80,18 +106,20 @@ def current_version(project: str | Path) -> DataVersion:
     md5 = outs[0].get("md5", "") if outs else ""
     if not md5.endswith(".dir"):
         raise ValueError(f"{dvc_file}: expected a tracked directory (an md5 ending in .dir), got {md5!r}")
-    return DataVersion(md5.removesuffix(".dir"), remote_url(project))
+    return DataVersion(md5.removesuffix(".dir"), remote_spec(project))
 
 
-def _object_path(remote: str, md5: str) -> str:
-    return f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+def _object_path(root: str, md5: str) -> str:
+    return f"{root.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
 
 
 def _remote_fs(remote: str):
-    """An fsspec filesystem for the remote (local path, s3://, gs://, ... as DVC supports)."""
-    import fsspec
+    """(DVC's filesystem for the remote, the remote's root in it), configured as DVC configures it
+    from the remote's options (local path, s3:// with its endpoint, gs://, ... as DVC supports)."""
+    from dvc.fs import get_cloud_fs
 
-    return fsspec.core.url_to_fs(remote)[0]
+    cls, config, root = get_cloud_fs({}, **remote_config(remote))
+    return cls(**config), root
 
 
 class ListingError(ValueError):
@@ -109,10 +137,10 @@ def _safe_relpath(relpath, path: str) -> str:
 def dir_listing(version: DataVersion) -> list[dict]:
     """The `.dir` object: [{'relpath': ..., 'md5': ...}] for every file of the version. It is checked
     against its own hash (the version) and every path is confined to the dataset folder."""
-    fs = _remote_fs(version.remote)
-    path = _object_path(version.remote, version.hash) + ".dir"
+    fs, root = _remote_fs(version.remote)
+    path = _object_path(root, version.hash) + ".dir"
     if not fs.exists(path):
-        raise FileNotFoundError(f"data version {version.hash} is not in the DVC remote {version.remote} (was it pushed?)")
+        raise FileNotFoundError(f"data version {version.hash} is not in the DVC remote {version.remote_url} (was it pushed?)")
     with fs.open(path, "rb") as handle:
         raw = handle.read()
     if hashlib.md5(raw).hexdigest() != version.hash:
@@ -142,14 +170,14 @@ def task_versions(version: DataVersion) -> dict[str, str]:
 
 def materialize(version: DataVersion, dest: str | Path) -> Path:
     """Copy the version's files from the remote into `dest`, checking every file's md5."""
-    fs = _remote_fs(version.remote)
+    fs, root = _remote_fs(version.remote)
     dest = Path(dest)
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for entry in dir_listing(version):
         target = staging / entry["relpath"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open(_object_path(version.remote, entry["md5"]), "rb") as src:
+        with fs.open(_object_path(root, entry["md5"]), "rb") as src:
             data = src.read()
         if hashlib.md5(data).hexdigest() != entry["md5"]:
             raise ValueError(f"{entry['relpath']}: content in the DVC remote does not match its md5")

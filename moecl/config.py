@@ -96,7 +96,9 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip the global gradient norm (None: no clipping)
     device: str = "auto"  # auto: CUDA when present
     # fp32, or bf16 / fp16: the frozen backbone is stored in that type and every forward runs under
-    # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling)
+    # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling);
+    # auto: bf16 on CUDA with bf16 and on CPUs with AMX, fp32 elsewhere (backbone.resolve_precision).
+    # fp32 stays the default until bf16 is measured on a CPU without AMX too.
     precision: str = "fp32"
     gradient_checkpointing: bool = False  # recompute the backbone's layer activations in backward
     # Several processes: `ddp` keeps a whole backbone in each; `fsdp` shards the frozen backbone's
@@ -228,7 +230,7 @@ def _check(cfg: Config, source: str) -> None:
             "the discriminator reads the shared expert's FFN output")
     checks = [
         (cfg.train.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}"),
-        (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
+        (cfg.train.precision in (*PRECISIONS, "auto"), f"train.precision must be one of {', '.join(PRECISIONS)} or auto"),
         (cfg.train.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)}"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),

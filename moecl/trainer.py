@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .backbone import load_backbone
+from .backbone import load_backbone, resolve_device, resolve_precision
 from .checkpoint import load_adapters, save_checkpoint
 from .config import Config
 from .data import Example, TaskData, load_task, per_label
@@ -112,6 +112,7 @@ class Trainer:
         self.world: World = join(cfg.train.device)
         if model is None:
             device = process_device(cfg.train.device, self.world)
+            cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(device))  # what runs is recorded
             backbone, tokenizer = load_backbone(cfg.backbone, device, cfg.train.precision)
             model = ContinualModel(backbone, tokenizer, cfg.method, cfg.lora, cfg.head, cfg.train.precision)
         self.model = model

@@ -69,3 +69,27 @@ def test_experts_are_injected_into_a_qwen2_backbone(tmp_path, task_dirs):
     assert type(trainer.model.backbone).__name__ == "Qwen2ForCausalLM"
     assert len(trainer.model.ffn_modules()) == 2  # one expert-carrying FFN per layer
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path):
+    import torch
+
+    from moecl.backbone import resolve_precision
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")  # bf16 instructions, no AMX tiles
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, amx) == "bf16"
+    assert resolve_precision("auto", cpu, plain) == "fp32"
+    assert resolve_precision("auto", cpu, tmp_path / "no-such-file") == "fp32"
+    assert resolve_precision("fp16", cpu, amx) == "fp16"  # an explicit choice is kept
+
+
+def test_a_run_with_auto_precision_records_the_precision_it_ran_in(tmp_path, task_dirs):
+    from moecl.backbone import cpu_has_amx
+
+    cfg = load_config(write_config(tmp_path / "auto.yaml", {"topics": task_dirs["topics"]}, train={"precision": "auto"}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    expected = "bf16" if cpu_has_amx() else "fp32"
+    assert trainer.cfg.train.precision == trainer.model.precision == expected

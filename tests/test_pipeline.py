@@ -45,6 +45,27 @@ def _launcher(tmp_path, **overrides):
     return workdir.tracking_uri, run
 
 
+def _assert_reused_answers_equal_fresh_ones(tmp_path, tracking_uri, run_id, project):
+    """The evaluate step reused the champion's recorded answers for the tasks whose tensors and test
+    data are unchanged (the old tasks, for candidate and champion alike): they equal a fresh scoring."""
+    import mlflow
+
+    from moecl.mlops.versioning import current_version, materialize
+
+    evaluation = mlflow.artifacts.load_dict(f"{MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri}"
+                                            "/evaluation/evaluation.json")
+    reused = {side: sorted(tasks) for side, tasks in evaluation["reused"].items()}
+    assert reused == {"candidate": ["sentiment", "topics"], "champion": ["sentiment", "topics"]}
+    dataset = materialize(current_version(project), tmp_path / "fetched")
+    cfg = steps.run_config(TINY_TRAINING, dataset, ["topics", "sentiment", "animals"])
+    for model, side in (("2", "candidate"), ("1", "champion")):
+        checkpoint = registry.fetch(tracking_uri, "moecl", model, tmp_path / f"model-{model}").checkpoint
+        tasks = ["topics", "sentiment", "animals"][: 3 if side == "candidate" else 2]
+        fresh = steps._answers(lambda: checkpoint, dataset, tasks, cfg)
+        assert {t: a["correct"] for t, a in fresh.items()} == evaluation[f"{side}_correct"], side
+        assert not any(a["reused"] for a in fresh.values())
+
+
 def _versions(tracking_uri):
     return sorted(int(v.version) for v in MlflowClient(tracking_uri).search_model_versions("name='moecl'"))
 
@@ -73,6 +94,7 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     assert all(0.0 <= run.data.metrics[f"automation.{t}"] <= 1.0 for t in ("topics", "sentiment", "animals"))
     version = MlflowClient(tracking_uri).get_model_version("moecl", "2")
     assert version.tags["parent_champion_version"] == "1" and version.tags["method"] == "moecl"
+    _assert_reused_answers_equal_fresh_ones(tmp_path, tracking_uri, second_run, project)
     # What a data scientist reviews: every setting, per-step curves, the data version, a model card.
     params = run.data.params
     assert len(params) >= 10 and params["train.lr"] == "0.02" and params["lora.r"] == "4"

@@ -12,6 +12,7 @@ only by the steps that use them: importing all three costs each step about 20 s 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -20,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 
@@ -331,22 +333,60 @@ def _log_curve(curve: list[dict]) -> None:
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
 
-def _answers(checkpoint: Path, dataset: Path, tasks: list[str], settings: Config) -> tuple[dict, dict]:
-    """Per task, whether each test example (the same ones for every model) is answered right, and
-    how sure each answer is (the label margin)."""
+ANSWERS_ARTIFACT = "evaluation/answers.json"  # a candidate's per-example answers, reused once it is champion
+
+
+def _examples_key(task: str, data, examples, settings: Config) -> str:
+    """What a task's answers depend on besides the model: its test examples and the scoring settings."""
+    payload = {"task": task, "examples": [[e.text, data.labels[e.label]] for e in examples], "backbone": settings.backbone,
+               "max_length": settings.train.max_length, "batch_size": settings.eval.batch_size,
+               "precision": settings.train.precision}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _answers(checkpoint: Callable[[], Path], dataset: Path, tasks: list[str], settings: Config,
+             known: dict | None = None, known_model: bool = False) -> dict[str, dict]:
+    """Per task, whether each test example (the same ones for every model) is answered right and how
+    sure each answer is (the label margin), with the keys they were computed under: {"model": digest of
+    what the task's answers read, "data": its examples and scoring settings, "correct", "margins"}.
+    An entry of `known` is reused when both keys match; with `known_model` (the champion's own recorded
+    answers) the data key alone decides, so a champion whose answers all stand is not even loaded.
+    `checkpoint` is called for the model's folder only when something must be scored."""
     from ..checkpoint import load_model
     from ..scoring import rank_labels
 
-    model, prompts, _ = load_model(checkpoint)
-    correct, sure = {}, {}
+    known, model, result = known or {}, None, {}
     for task in tasks:
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
-        predicted, sure[task] = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
-                                            progress=True)
+        data_key, entry = _examples_key(task, data, examples, settings), known.get(task)
+        if known_model and entry and entry["data"] == data_key:
+            result[task] = {**entry, "reused": True}
+            continue
+        if model is None:
+            model, prompts, _ = load_model(checkpoint())
+        model_key = hashlib.sha256((model.scoring_digest(task) + json.dumps(model.labels[task])).encode()).hexdigest()
+        if entry and entry["model"] == model_key and entry["data"] == data_key:
+            result[task] = {**entry, "reused": True}
+            continue
+        predicted, sure = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
+                                      progress=True)
         answers = prompts[task].labels  # by name: a champion may know an older label set of the task
-        correct[task] = [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]
-    return correct, sure
+        result[task] = {"model": model_key, "data": data_key, "reused": False, "margins": sure,
+                        "correct": [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]}
+    return result
+
+
+def _recorded_answers(tracking_uri: str, model_name: str, version: str) -> dict:
+    """The answers a registered version gave at its own evaluation (none for versions older than that)."""
+    run_id = registry.connect(tracking_uri).get_model_version(model_name, version).run_id
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ANSWERS_ARTIFACT, dst_path=scratch,
+                                                       tracking_uri=tracking_uri)
+            return json.loads(Path(path).read_text())
+    except (mlflow.exceptions.MlflowException, OSError):
+        return {}
 
 
 def _mean(correct: dict[str, list[bool]]) -> dict[str, float]:
@@ -361,10 +401,19 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     manifest = read_manifest(candidate_dir)
     tasks = manifest["tasks"]
     cfg = run_config(settings, dataset, tasks)
-    candidate_correct, candidate_margins = _answers(candidate_dir, dataset, tasks, cfg)
+    # The champion's answers recorded at its registration: the candidate's tasks that read tensors equal
+    # to the champion's (old tasks, frozen) and the champion's own tasks on unchanged test data reuse them.
+    recorded = _recorded_answers(tracking_uri, model_name, parent_version) if parent_version else {}
+    candidate_answers = _answers(lambda: candidate_dir, dataset, tasks, cfg, known=recorded)
+    champion_answers = None
     with tempfile.TemporaryDirectory() as scratch:
-        best = registry.fetch(tracking_uri, model_name, parent_version, scratch)
-        champion_correct = _answers(best.checkpoint, dataset, read_manifest(best.checkpoint)["tasks"], cfg)[0] if best else None
+        fetched = functools.cache(lambda: registry.fetch(tracking_uri, model_name, parent_version, scratch).checkpoint)
+        if parent_version:
+            champion_tasks = list(recorded) or read_manifest(fetched())["tasks"]
+            champion_answers = _answers(fetched, dataset, champion_tasks, cfg, known=recorded, known_model=True)
+    candidate_correct = {t: a["correct"] for t, a in candidate_answers.items()}
+    candidate_margins = {t: a["margins"] for t, a in candidate_answers.items()}
+    champion_correct = champion_answers and {t: a["correct"] for t, a in champion_answers.items()}
     candidate, champion = _mean(candidate_correct), champion_correct and _mean(champion_correct)
     automation = {t: automation_coverage(candidate_margins[t], candidate_correct[t], cfg.eval.automation_precision)[0]
                   for t in tasks}
@@ -374,7 +423,9 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     evaluation = {**summary, "candidate": candidate, "candidate_aa": sum(candidate.values()) / len(candidate),
                   "candidate_correct": candidate_correct, "champion_correct": champion_correct,
                   "automation": automation, "automation_precision": cfg.eval.automation_precision,
-                  "champion": champion, "champion_version": best.version if best else None,
+                  "champion": champion, "champion_version": parent_version or None,
+                  "reused": {"candidate": [t for t, a in candidate_answers.items() if a["reused"]],
+                             "champion": [t for t, a in (champion_answers or {}).items() if a["reused"]]},
                   "champion_aa": sum(champion.values()) / len(champion) if champion else None,
                   "chance": {t: 1 / len(manifest["labels"][t]) for t in tasks},
                   "trained_tasks": train_summary["changed_tasks"] + train_summary["new_tasks"],
@@ -394,6 +445,8 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
         plot_heatmap(tasks, matrix, heatmap, "accuracy after each stage", stages and ["+".join(s) for s in stages])
         mlflow.log_artifact(str(heatmap), "evaluation")
         mlflow.log_dict(evaluation, "evaluation/evaluation.json")
+        mlflow.log_dict({t: {k: v for k, v in a.items() if k != "reused"} for t, a in candidate_answers.items()},
+                        ANSWERS_ARTIFACT)
     return evaluation
 
 

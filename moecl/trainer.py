@@ -169,10 +169,12 @@ class Trainer:
     def _memory(self, past: list[TaskData]) -> list[MemoryRow]:
         """A few inputs of every finished task, spread over its labels: rehearsed with their gold
         answers in replay; in moecl, read by the discriminator and distilled toward the model's
-        own answers (so moecl keeps no labels)."""
+        own answers (so moecl keeps no labels). moecl builds and draws it whatever λ, and so does
+        moecl-nogan: the ablation differs from moecl by the adversarial term alone, not by its batches
+        and random draws."""
         cfg = self.cfg
         size = cfg.memory.per_task
-        wanted = cfg.method == "replay" or (self._moecl and (self._adversarial_weight > 0 or cfg.retention.distill > 0))
+        wanted = cfg.method == "replay" or self._moecl
         if size == 0 or not past or not wanted:
             return []
         pool = [e for task in past for e in per_label(task.train, max(1, size // len(task.labels)), cfg.train.seed)[:size]]

@@ -251,3 +251,34 @@ def test_reused_scores_leave_the_accuracy_matrix_as_scoring_everything(tmp_path,
     matrix, count = run("reused", reuse=True)
     assert matrix == fresh and none_reused == 0
     assert count == reused
+
+
+def test_moecl_nogan_is_moecl_with_a_zero_adversarial_weight(tmp_path, task_dirs):
+    """Same memory rows, batches and random draws: every tensor but the discriminators' ends the same."""
+    two = {name: task_dirs[name] for name in ("topics", "sentiment")}
+    zero = _train(tmp_path, two, name="zero", method="moecl", adversarial={"weight": 0.0})
+    nogan = _train(tmp_path, two, name="nogan", method="moecl-nogan")  # the config's weight 0.1 is not used
+    assert zero["accuracy_matrix"] == nogan["accuracy_matrix"]
+    groups = _adapters_groups(tmp_path / "zero")
+    assert sorted(groups) == sorted(_adapters_groups(tmp_path / "nogan"))
+    for group in groups:
+        if group != "router":  # the discriminators: trained by moecl's stage, not by the ablation's
+            left, right = _adapters(tmp_path / "zero", group), _adapters(tmp_path / "nogan", group)
+            assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), group
+
+
+def test_moecl_nogan_draws_the_batches_and_memory_rows_moecl_draws(tmp_path, task_dirs, monkeypatch):
+    two = {name: task_dirs[name] for name in ("topics", "sentiment")}
+    drawn = {"moecl": [], "moecl-nogan": []}
+    batches = Trainer._batches
+
+    def recording(self, examples, memory, rng):
+        for rows, memory_rows in batches(self, examples, memory, rng):
+            drawn[self.cfg.method].append(([e.text for e in rows], [r.example.text for r in memory_rows]))
+            yield rows, memory_rows
+
+    monkeypatch.setattr(Trainer, "_batches", recording)
+    _train(tmp_path, two, name="moecl", method="moecl")
+    _train(tmp_path, two, name="nogan", method="moecl-nogan")
+    assert any(memory for _, memory in drawn["moecl"])  # the second stage rehearses the first's inputs
+    assert drawn["moecl-nogan"] == drawn["moecl"]

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from moecl.config import METHODS, config_from_dict
+from moecl.methods import REGISTRY
 from moecl.metrics import mean_ci
+from moecl.probe import shared_expert_probe
 
 SEQUENCES = {
     "order1": ["dbpedia", "amazon", "yahoo", "agnews"],
@@ -75,9 +77,28 @@ def run_one(method: str, seed: int, args, tasks: list[str], baseline: list[float
     trainer = Trainer(cfg, Path(args.out) / args.sequence / f"{method}-seed{seed}")
     if cfg.eval.forward_transfer:
         trainer.progress.baseline = baseline  # a resumed checkpoint brings its own
+    probes = []
+    if args.probe_per_task and REGISTRY[method].shared_expert_with_gate:
+        trainer.on_checkpoint = lambda folder: probes.append(probe_after_stage(trainer, args.probe_per_task))
     metrics = trainer.run(resume=True)
     metrics["wall_seconds"] = round(time.time() - started, 1)
+    if probes:
+        metrics["probe"] = [p for p in probes if p]  # stages of a resumed run done before are not probed
     return metrics
+
+
+def probe_after_stage(trainer, per_task: int) -> dict | None:
+    """The shared-expert probe (moecl.probe) on the tasks seen so far: fit on training texts, scored
+    on test texts; None after the first stage (one task: nothing to tell apart)."""
+    from moecl.data import per_label
+
+    tasks = trainer.model.tasks
+    if len(tasks) < 2:
+        return None
+    data = {t: trainer.task_data[t] for t in tasks}
+    train = {t: [e.text for e in per_label(d.train, None, 1)[:per_task]] for t, d in data.items()}
+    test = {t: [e.text for e in trainer.test_sets[t]][:per_task] for t in tasks}
+    return shared_expert_probe(trainer.model, train, test, trainer.cfg.train.max_length)
 
 
 def diagonal(metrics: dict) -> list[float]:
@@ -106,15 +127,23 @@ def summarise(runs: dict[str, dict]) -> dict:
         routed = [m["routing_accuracy"] for m in ms if m.get("routing_accuracy")]
         if routed:
             entry["routing_accuracy"] = {t: mean_ci([r[t] for r in routed]) for t in tasks}
+        probed = [m["probe"][-1]["mean"] - m["probe"][-1]["chance"] for m in ms if m.get("probe")]
+        if probed:  # the last stage's probe, above chance
+            entry["probe_above_chance"] = mean_ci(probed)
         summary[method] = entry
-    if "moecl" in by_method and "moecl-nogan" in by_method:
-        paired = sorted(set(by_method["moecl"]) & set(by_method["moecl-nogan"]))
+    for other in by_method:
+        paired = sorted(set(by_method.get("moecl", {})) & set(by_method[other])) if other != "moecl" else []
         if paired:
-            summary["moecl minus moecl-nogan"] = {
-                "seeds": len(paired),
-                **{key: mean_ci([by_method["moecl"][s][key] - by_method["moecl-nogan"][s][key] for s in paired])
-                   for key in ("aa", "bwt")},
-            }
+            diff = {"seeds": len(paired)}
+            for key in ("aa", "bwt", "fwt"):
+                values = [by_method["moecl"][s][key] - by_method[other][s][key] for s in paired
+                          if by_method["moecl"][s].get(key) is not None and by_method[other][s].get(key) is not None]
+                diff[key] = mean_ci(values) if values else None
+            probes = [by_method["moecl"][s]["probe"][-1]["mean"] - by_method[other][s]["probe"][-1]["mean"]
+                      for s in paired if by_method["moecl"][s].get("probe") and by_method[other][s].get("probe")]
+            if probes:
+                diff["probe"] = mean_ci(probes)
+            summary[f"moecl minus {other}"] = diff
     return summary
 
 
@@ -130,15 +159,18 @@ def table(summary: dict, tasks: list[str], chance: dict[str, float]) -> str:
             + " | ".join(f"R[{t}][{t}] (chance {100 * chance[t]:.0f})" for t in tasks) + " |")
     lines = [head, "|" + "---|" * (len(tasks) + 5)]
     for method, s in summary.items():
-        if method == "moecl minus moecl-nogan":
+        if method.startswith("moecl minus "):
             continue
         cells = [_points(s["aa"]), _points(s["bwt"], True), _points(s["fwt"], True)]
         cells += [_points(s["diagonal"][t]) for t in tasks]
         lines.append(f"| {method} | {s['seeds']} | " + " | ".join(cells) + " |")
-    diff = summary.get("moecl minus moecl-nogan")
-    if diff:
-        lines.append(f"\nmoecl minus moecl-nogan, paired by seed ({diff['seeds']} seeds): "
-                     f"AA {_points(diff['aa'], True)}, BWT {_points(diff['bwt'], True)} points.")
+    diffs = {k.removeprefix("moecl minus "): v for k, v in summary.items() if k.startswith("moecl minus ")}
+    if diffs:
+        lines.append("\nmoecl minus each other method, paired by seed (points):\n\n| minus | seeds | AA | BWT | FWT | "
+                     "shared-expert probe |\n|---|---|---|---|---|---|")
+        for other, d in diffs.items():
+            lines.append(f"| {other} | {d['seeds']} | {_points(d['aa'], True)} | {_points(d['bwt'], True)} | "
+                         f"{_points(d['fwt'], True)} | {_points(d.get('probe'), True)} |")
     adversary = summary.get("moecl", {}).get("discriminator_accuracy")
     if adversary:
         lines.append(f"moecl's discriminators on stages after the first (balanced accuracy; a batch holds the current "
@@ -179,6 +211,8 @@ def main() -> None:
     parser.add_argument("--router-fit", type=int, default=256, help="training texts per task for the router")
     parser.add_argument("--retention-shared", choices=["snapshot", "live"], default="snapshot",
                         help="moecl: old tasks read a frozen snapshot of the shared expert, or the live one")
+    parser.add_argument("--probe-per-task", type=int, default=64,
+                        help="texts per task to fit and to score the shared-expert probe after each stage (0: none)")
     parser.add_argument("--out", default="runs/quality", help="run folders (checkpoints, heatmaps)")
     parser.add_argument("--json", help="default: benchmarks/results/quality.json for order1, else quality-SEQUENCE.json")
     parser.add_argument("--readme", type=Path, help="replace this file's table for the sequence")
@@ -187,7 +221,9 @@ def main() -> None:
     tasks = SEQUENCES[args.sequence]
     name = "quality" if args.sequence == "order1" else f"quality-{args.sequence}"
     path = Path(args.json or f"benchmarks/results/{name}.json")
-    settings = {k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "json", "readme", "out", "data")}
+    # The probe measures a run; it changes nothing in it, so runs with and without it are comparable.
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("methods", "seeds", "json", "readme", "out", "data", "probe_per_task")}
     record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
     if record["settings"] != settings:
         raise SystemExit(f"{path} holds runs made with other settings {record['settings']}; pass another --json")

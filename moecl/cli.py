@@ -41,8 +41,8 @@ def _predict(args) -> int:
     except (*USER_ERRORS, ValueError) as err:
         print(f"moecl: error: {err} ({args.model})", file=sys.stderr)
         return 2
-    for task, label in answers:
-        print(label if args.task else f"{task}\t{label}")
+    for task, label in answers:  # a text the router finds of no known task: "?" and no label
+        print(label if args.task else f"{task or '?'}\t{label or ''}")
     return 0
 
 
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--from", dest="start", metavar="CHECKPOINT",
                        help="continue this trained model with the config's tasks it lacks or whose data changed")
     train.set_defaults(run=_train)
-    pred = commands.add_parser("predict", help="print one predicted label per TEXT (TASK<tab>LABEL without --task)")
+    pred = commands.add_parser("predict", help="print one predicted label per TEXT (TASK<tab>LABEL without --task; ?<tab> for a text of no known task)")
     pred.add_argument("--model", required=True, help="a run folder or its checkpoint folder")
     pred.add_argument("--task", help="the texts' task; without it each text is routed to a task first")
     pred.add_argument("texts", nargs="+", metavar="TEXT")

@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "mtl")
+from .methods import REGISTRY
+
+METHODS = tuple(REGISTRY)
 HEADS = ("lm", "classifier")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -42,7 +44,16 @@ class LoraConfig:
 
 @dataclass
 class AdversarialConfig:
+    """MoE-CL's adversary. `weight` is λ per layer: each layer's shared expert receives -λ times the
+    gradient of its own layer's discriminator loss. The discriminators learn at `lr` (default: the
+    adapters' train.lr) and take `inner_steps` steps per training step: the joint one, then
+    discriminator-only ones on the pooled features the step's forward produced (no extra backbone
+    pass), so a probe of a few hundred numbers per layer keeps up with the shared expert. λ rises
+    linearly over each stage's first `ramp_steps` steps (0: from the first step)."""
     weight: float = 0.1
+    lr: float | None = None
+    inner_steps: int = 4
+    ramp_steps: int = 0
 
 
 @dataclass
@@ -73,8 +84,13 @@ class RetentionConfig:
 
 @dataclass
 class RouterConfig:
-    """Task-free routing: how many training texts per task describe it (0: no router)."""
+    """Task-free routing: how many training texts per task describe it (0: no router), how many
+    other training texts of it set its acceptance distance, and the share of those accepted (a text
+    farther from the task it is routed to than that quantile is refused as of no known task; 1.0 with
+    calibrate_per_task 0 refuses nothing)."""
     fit_per_task: int = 256
+    calibrate_per_task: int = 64
+    accept_quantile: float = 0.99
 
 
 @dataclass
@@ -224,7 +240,7 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: head '{cfg.head}' is not one of {', '.join(HEADS)}")
     if cfg.lora.r < 1 or not cfg.lora.targets:
         raise ConfigError(f"{source}: lora needs r >= 1 and at least one target")
-    if cfg.method.startswith("moecl") and not set(cfg.lora.targets) & set(FFN_PROJECTIONS):
+    if REGISTRY[cfg.method].shared_expert_with_gate and not set(cfg.lora.targets) & set(FFN_PROJECTIONS):
         raise ConfigError(
             f"{source}: method {cfg.method} needs an FFN projection ({', '.join(FFN_PROJECTIONS)}) in lora.targets: "
             "the discriminator reads the shared expert's FFN output")
@@ -242,10 +258,15 @@ def _check(cfg: Config, source: str) -> None:
         (0 < cfg.eval.automation_precision <= 1, "eval.automation_precision must be in (0, 1]"),
         (cfg.memory.per_task >= 0 and cfg.memory.per_batch >= 0, "memory sizes must be >= 0"),
         (cfg.adversarial.weight >= 0, "adversarial.weight must be >= 0"),
+        (cfg.adversarial.lr is None or cfg.adversarial.lr > 0, "adversarial.lr must be > 0"),
+        (cfg.adversarial.inner_steps >= 1 and cfg.adversarial.ramp_steps >= 0,
+         "adversarial.inner_steps must be >= 1 and adversarial.ramp_steps >= 0"),
         (cfg.retention.distill >= 0 and cfg.retention.shared_l2 >= 0, "retention weights must be >= 0"),
         (cfg.retention.shared in ("snapshot", "live"), "retention.shared must be 'snapshot' or 'live'"),
         (cfg.router.fit_per_task >= 0, "router.fit_per_task must be >= 0"),
-        (not (cfg.head == "classifier" and cfg.method.startswith("moecl") and cfg.retention.distill > 0),
+        (cfg.router.calibrate_per_task >= 0, "router.calibrate_per_task must be >= 0"),
+        (0 < cfg.router.accept_quantile <= 1, "router.accept_quantile must be in (0, 1]"),
+        (not (cfg.head == "classifier" and REGISTRY[cfg.method].shared_expert_with_gate and cfg.retention.distill > 0),
          "retention.distill distils answer tokens and needs head 'lm'; set it to 0 with head 'classifier'"),
         (not (cfg.eval.routing and cfg.router.fit_per_task == 0), "eval.routing needs router.fit_per_task > 0"),
         (not (cfg.eval.forward_transfer and cfg.head == "classifier"),

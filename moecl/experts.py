@@ -90,6 +90,7 @@ class Routing:
     adversarial_weight: float = 0.0
     bypass: bool = False  # run the bare backbone (the no-training baseline)
     disc_logits: list[torch.Tensor] = field(default_factory=list)
+    disc_inputs: list[torch.Tensor] = field(default_factory=list)  # what each discriminator read, detached
 
     def set_tasks(self, task_per_example: list[str], device: torch.device) -> None:
         self.batch_tasks = list(dict.fromkeys(task_per_example))
@@ -301,6 +302,7 @@ class MoEFeedForward(ExpertModule):
         pooled = self.add_delta(LIVE, "down_proj", pooled, pooled_shared)
         logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
+        self.state.disc_inputs.append(pooled.detach())
 
 
 class MoELinear(ExpertModule):

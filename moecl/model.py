@@ -6,6 +6,7 @@ only adapter tensors (experts, gates, discriminators, heads) are trainable or sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 
 import torch
@@ -14,12 +15,9 @@ from torch import nn
 
 from .config import FFN_PROJECTIONS, LoraConfig
 from .experts import SHARED, SNAPSHOT, ExpertModule, MoEFeedForward, MoELinear, Routing, snapshot_name
+from .methods import REGISTRY
 from .task_router import TaskRouter
 
-METHOD_ROUTING = {
-    "moecl": "gated", "moecl-nogan": "gated", "seq-lora": "shared", "replay": "shared", "mtl": "shared",
-    "inc-lora": "task", "olora": "sum",
-}
 IGNORE = -100
 ROUTER_GROUP = "task-router"
 
@@ -38,6 +36,17 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     weights sum to 1."""
     present, index, counts = labels.unique(return_inverse=True, return_counts=True)
     return 1.0 / (counts[index] * len(present)).float()
+
+
+def _balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                            row_weight: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """(layers, batch, tasks) logits: weighted cross-entropy summed over layers, balanced accuracy."""
+    if row_weight is None:
+        row_weight = balanced_weights(labels)
+    per_row = F.cross_entropy(logits.flatten(0, 1), labels.repeat(logits.shape[0]), reduction="none")
+    loss = (per_row.view(logits.shape[:2]) * row_weight).sum()
+    correct = (logits.argmax(-1) == labels).float()
+    return loss, (correct * row_weight).sum(-1).mean().item()
 
 
 def _is_gated_ffn(module: nn.Module) -> bool:
@@ -73,7 +82,10 @@ class ContinualModel(nn.Module):
         self.method = method
         self.head = head
         self.precision = precision
-        self.routing = Routing(mode=METHOD_ROUTING[method])
+        self.spec = REGISTRY[method]
+        self.routing = Routing(mode=self.spec.routing)
+        factor = self.spec.rank_factor
+        lora = dataclasses.replace(lora, r=lora.r * factor, alpha=lora.alpha * factor)
         self.wrapped = nn.ModuleList(inject_experts(backbone, self.routing, lora))
         self.heads = nn.ModuleDict()
         self.task_router = TaskRouter()
@@ -103,6 +115,8 @@ class ContinualModel(nn.Module):
         if self.uses_task_experts:
             for module in self.wrapped:
                 module.add_expert(name)
+                if self.spec.warm_start and len(self.tasks) > 1:
+                    module.experts[name].load_state_dict(module.experts[self.tasks[-2]].state_dict())
             self.routing.task_experts = list(self.tasks)
         if self.has_discriminator:
             for module in self.ffn_modules():
@@ -169,7 +183,7 @@ class ContinualModel(nn.Module):
         with weight 0 the discriminators do not run at all."""
         state = self.routing
         state.set_tasks(tasks_per_example, self.device)
-        state.disc_logits = []
+        state.disc_logits, state.disc_inputs = [], []
         collect = (self.has_discriminator and text_mask is not None and adversarial_weight > 0
                    and len(self.tasks) > 1)
         state.disc_labels = (torch.tensor([self.tasks.index(t) for t in tasks_per_example], device=self.device)
@@ -216,22 +230,26 @@ class ContinualModel(nn.Module):
         return total
 
     def discriminator_loss(self, row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """Class-balanced cross-entropy of the per-layer discriminators, and their balanced accuracy.
+        """The per-layer discriminators' class-balanced cross-entropies, summed over layers, and
+        their balanced accuracy (mean over layers).
 
-        A batch holds many current-task rows and a few memory rows; unweighted, always answering
-        "the current task" would already score 80%. Each task present weighs the same instead, so
-        a discriminator that ignores its input scores 1 / (tasks in the batch). `row_weight`: each
-        row's weight when these rows are a share of a larger batch (see `balanced_weights`)."""
+        Summed, not averaged: a layer's reversed gradient reaches only that layer's shared expert
+        (its input is detached), so with a mean each shared expert would feel λ / layers. λ is per
+        layer. A batch holds many current-task rows and a few memory rows; unweighted, always
+        answering "the current task" would already score 80%. Each task present weighs the same
+        instead, so a discriminator that ignores its input scores 1 / (tasks in the batch).
+        `row_weight`: each row's weight when these rows are a share of a larger batch (see
+        `balanced_weights`)."""
         state = self.routing
-        logits = torch.stack(state.disc_logits)  # (layers, batch, tasks)
-        labels = state.disc_labels
-        if row_weight is None:
-            row_weight = balanced_weights(labels)
-        per_row = F.cross_entropy(logits.flatten(0, 1), labels.repeat(logits.shape[0]), reduction="none")
-        loss = (per_row.view(logits.shape[:2]) * row_weight).sum(-1).mean()
-        correct = (logits.argmax(-1) == labels).float()
-        accuracy = (correct * row_weight).sum(-1).mean().item()
-        return loss, accuracy
+        return _balanced_cross_entropy(torch.stack(state.disc_logits), state.disc_labels, row_weight)
+
+    def rediscriminate(self, inputs: list[torch.Tensor], labels: torch.Tensor,
+                       row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """`discriminator_loss` again from what the discriminators read in a forward (`disc_inputs`):
+        a discriminator-only step needs no forward of the backbone."""
+        logits = torch.stack([module.discriminator(x.to(module.discriminator.weight.dtype))  # fp32, outside autocast
+                              for module, x in zip(self.ffn_modules(), inputs)])
+        return _balanced_cross_entropy(logits, labels, row_weight)
 
     def scoring_groups(self, task: str) -> list[str]:
         """The adapter groups (`adapter_groups`) a task's answers are computed from, given the task:

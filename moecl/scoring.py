@@ -198,10 +198,10 @@ def accuracy(model: ContinualModel, prompt: TaskPrompt, examples: list[Example],
 
 
 def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[str], tasks: list[str | None],
-           batch_size: int = 8) -> list[tuple[str, str]]:
+           batch_size: int = 8) -> list[tuple[str, str] | tuple[None, None]]:
     """(task, label) per text. A text without a task (None or "") is routed to one by the model's
-    task-free router first; then every text is scored against its task's labels, texts of several
-    tasks in one batch."""
+    task-free router first, and answered (None, None) when the router finds it of no known task;
+    then every routed text is scored against its task's labels, texts of several tasks in one batch."""
     unknown = sorted({t for t in tasks if t and t not in prompts})
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; this model knows {sorted(prompts)}")
@@ -212,8 +212,12 @@ def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[st
         routed = model.task_router.predict(text_features(model, [texts[i] for i in untold], budget, batch_size))
         for i, task in zip(untold, routed):
             tasks[i] = task
-    scores = row_label_scores(model, prompts, texts, tasks, batch_size)
-    return [(task, prompts[task].labels[int(row.argmax())]) for task, row in zip(tasks, scores)]
+    known = [i for i, t in enumerate(tasks) if t]
+    scores = row_label_scores(model, prompts, [texts[i] for i in known], [tasks[i] for i in known], batch_size)
+    answers: list[tuple[str, str] | tuple[None, None]] = [(None, None)] * len(texts)
+    for i, row in zip(known, scores):
+        answers[i] = (tasks[i], prompts[tasks[i]].labels[int(row.argmax())])
+    return answers
 
 
 @torch.no_grad()

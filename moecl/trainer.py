@@ -27,11 +27,12 @@ from .config import Config
 from .data import Example, TaskData, load_task, per_label
 from .distributed import World, join, process_device, shard_backbone
 from .manifest import checkpoint_dir, read_manifest
+from .methods import REGISTRY
 from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
 from .scoring import predict
-from .task_router import text_features
+from .task_router import MIN_HELD_OUT, text_features
 
 log = logging.getLogger("moecl")
 LOG_EVERY = 10
@@ -75,6 +76,20 @@ class BatchLoss(nn.Module):
         return self.loss(*args)
 
 
+def router_texts(train: list[Example], fit: int, calibrate: int, max_per_label: int | None,
+                 seed: int) -> tuple[list[str], list[str]]:
+    """(texts that describe a task to the router: its training examples as the model drew them;
+    other texts of it that set its acceptance distance). A split with too few spare rows lends at
+    most a fifth of the describing texts to the held-out ones."""
+    chosen = per_label(train, max_per_label, seed)[:fit]
+    used = {id(e) for e in chosen}
+    held = [e for e in per_label(train, None, seed) if id(e) not in used][:calibrate]
+    lent = min(calibrate - len(held), len(chosen) // 5)
+    if lent > 0:
+        chosen, held = chosen[:-lent], held + chosen[-lent:]
+    return [e.text for e in chosen], [e.text for e in held]
+
+
 @dataclass
 class Progress:
     """What the run has produced so far; stored in the manifest so a resumed run continues it."""
@@ -100,12 +115,13 @@ def build_prompts(cfg: Config, tokenizer, tasks: list[TaskData]) -> dict[str, Ta
 
 def stages(cfg: Config, tasks: list[TaskData]) -> list[list[TaskData]]:
     """Multi-task learning trains all tasks in one stage; every other method one task per stage."""
-    return [tasks] if cfg.method == "mtl" else [[t] for t in tasks]
+    return [tasks] if REGISTRY[cfg.method].joint else [[t] for t in tasks]
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, model: ContinualModel | None = None):
         self.cfg = cfg
+        self.method = REGISTRY[cfg.method]
         self.run_dir = Path(run_dir)
         self.tasks = load_tasks(cfg)  # all data is checked before the backbone is even loaded
         self.task_data = {t.name: t for t in self.tasks}
@@ -127,14 +143,19 @@ class Trainer:
         self.scored: dict[tuple, float] = {}  # (task, scoring digest, labels) -> accuracy: see evaluate
         self.reused = 0  # evaluations answered from `scored`
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
+        self._lambda_now = 0.0  # this step's λ (adversarial.ramp_steps)
+        self.scoring_seconds = 0.0  # spent scoring test sets and routing (the run's evaluation cost)
+        self._disc_views: list[tuple] = []  # this step's discriminator inputs, labels, row weights
         self.on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint written (rank 0)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
         """Accuracy on the task's test set; each process scores its share and the hits are summed.
         With `eval.reuse`, an accuracy is reused while the tensors the task's answers read are
-        unchanged (the test set and scoring settings are fixed for the run)."""
-        key = (task.name, self.model.scoring_digest(task.name), tuple(self.model.labels[task.name]))
+        unchanged (the test set and scoring settings are fixed for the run). The bare backbone
+        (forward transfer's baseline) is scored before the model holds the task at all."""
+        reads = "bare backbone" if self.model.routing.bypass else self.model.scoring_digest(task.name)
+        key = (task.name, reads, tuple(task.labels))
         if self.cfg.eval.reuse and key in self.scored:
             self.reused += 1
             return self.scored[key]
@@ -142,6 +163,13 @@ class Trainer:
         return self.scored[key]
 
     def _score(self, task: TaskData) -> float:
+        started = time.perf_counter()
+        try:
+            return self._accuracy(task)
+        finally:
+            self.scoring_seconds += time.perf_counter() - started
+
+    def _accuracy(self, task: TaskData) -> float:
         examples = self.test_sets[task.name]
         mine, real = self.world.even_shard(examples)
         predicted = predict(self.model, self.prompts[task.name], [e.text for e in mine], self.cfg.eval.batch_size,
@@ -160,26 +188,25 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     @property
     def _moecl(self) -> bool:
-        return self.cfg.method in ("moecl", "moecl-nogan")
+        return self.method.shared_expert_with_gate
 
     @property
     def _adversarial_weight(self) -> float:
-        return self.cfg.adversarial.weight if self.cfg.method == "moecl" else 0.0
+        return self.cfg.adversarial.weight if self.method.adversarial else 0.0
 
     def _memory(self, past: list[TaskData]) -> list[MemoryRow]:
-        """A few inputs of every finished task, spread over its labels: rehearsed with their gold
-        answers in replay; in moecl, read by the discriminator and distilled toward the model's
-        own answers (so moecl keeps no labels). moecl builds and draws it whatever λ, and so does
-        moecl-nogan: the ablation differs from moecl by the adversarial term alone, not by its batches
-        and random draws."""
+        """A few inputs of every finished task, spread over its labels, for a method with a memory
+        (methods.py): rehearsed with their gold answers, or probed (read by the discriminator,
+        distilled toward the model's own answers). moecl-nogan probes too, whatever λ: the
+        ablation differs from moecl by the adversarial term alone, not by its batches and draws."""
         cfg = self.cfg
         size = cfg.memory.per_task
-        wanted = cfg.method == "replay" or self._moecl
+        wanted = self.method.memory != "none"
         if size == 0 or not past or not wanted:
             return []
         pool = [e for task in past for e in per_label(task.train, max(1, size // len(task.labels)), cfg.train.seed)[:size]]
         rows = [MemoryRow(e) for e in pool]
-        if self._moecl and cfg.retention.distill > 0:
+        if self.method.memory == "probe" and cfg.retention.distill > 0:
             self._attach_teacher(rows)
         return rows
 
@@ -210,7 +237,7 @@ class Trainer:
     def _batch(self, rows: list[Example], supervised: int):
         """Right-padded tensors: ids, attention mask, answer labels, class labels and the text mask.
         Rows past `supervised` are memory rows: they carry answer labels only in replay."""
-        rehearse = self.cfg.method == "replay"
+        rehearse = self.method.memory == "rehearse"
         ids, labels, class_labels, text_lengths = [], [], [], []
         for i, example in enumerate(rows):
             prompt = self.prompts[example.task]
@@ -246,7 +273,7 @@ class Trainer:
 
     def _batch_scale(self, rows: list[Example], memory_rows: list[MemoryRow]) -> BatchScale:
         prompts = self.prompts
-        supervised = rows + ([r.example for r in memory_rows] if self.cfg.method == "replay" else [])
+        supervised = rows + ([r.example for r in memory_rows] if self.method.memory == "rehearse" else [])
         answers = (sum(len(prompts[e.task].answers[e.label]) for e in supervised) if self.model.head == "lm"
                    else len(supervised))
         distilled = sum(len(prompts[r.example.task].answers[r.example.label]) for r in memory_rows if r.teacher is not None)
@@ -273,7 +300,7 @@ class Trainer:
         rows = rows + [r.example for r in memory_rows]
         input_ids, mask, lm_labels, class_labels, text_mask = self._batch(rows, supervised)
         tasks = [e.task for e in rows]
-        model.route(tasks, text_mask=text_mask, adversarial_weight=self._adversarial_weight)
+        model.route(tasks, text_mask=text_mask, adversarial_weight=self._lambda_now)
         stats = {}
         if model.head == "lm":
             hidden = model.hidden_states(input_ids, mask)[:, :-1]
@@ -299,12 +326,13 @@ class Trainer:
             row_weight = torch.tensor([scale.disc_weight[t] for t in tasks], device=model.device)
             disc_loss, disc_acc = model.discriminator_loss(row_weight)
             loss = loss + disc_loss
-            stats.update(disc_loss=disc_loss.item(), disc_acc=disc_acc)
+            self._disc_views.append((model.routing.disc_inputs, model.routing.disc_labels, row_weight))
+            stats.update(disc_loss=disc_loss.item() / len(model.routing.disc_inputs), disc_acc=disc_acc)
         if anchor and whole_model_terms:
             drift = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
             loss = loss + cfg.retention.shared_l2 * drift
             stats["shared_drift"] = drift.item()
-        if cfg.method == "olora" and model.tasks.index(stage_task) > 0 and whole_model_terms:
+        if self.method.orthogonality and model.tasks.index(stage_task) > 0 and whole_model_terms:
             ortho = model.orthogonality_loss(stage_task)
             loss = loss + cfg.olora.weight * ortho
             stats["ortho"] = ortho.item()
@@ -323,6 +351,24 @@ class Trainer:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step_loss, frozen + buffers)
         # A multi-task batch need not hold every task's head; every other trainable tensor is used by every pass.
         return DistributedDataParallel(step_loss, find_unused_parameters=self.model.head == "classifier" and len(stage) > 1)
+
+    def _discriminator_steps(self, optimizer, step_loss: nn.Module) -> None:
+        """adversarial.inner_steps - 1 more steps of the discriminators alone, on what they read in
+        this step's forward passes (every micro-batch, every process: gradients summed as in the
+        joint step). Only the discriminators get gradients, so only they move."""
+        if not self._disc_views:
+            return
+        judges = [p for m in self.model.ffn_modules() if m.discriminator is not None for p in m.discriminator.parameters()]
+        ddp = isinstance(step_loss, DistributedDataParallel)
+        for _ in range(self.cfg.adversarial.inner_steps - 1):
+            optimizer.zero_grad(set_to_none=True)
+            with step_loss.no_sync() if ddp else contextlib.nullcontext():
+                loss = sum(self.model.rediscriminate(inputs, labels, weight)[0] for inputs, labels, weight in self._disc_views)
+                (loss * self.world.size).backward()
+            self.world.average_gradients(judges)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._disc_views = []
 
     def _accumulate(self, step_loss: nn.Module, scaler, rows: list[Example], memory_rows: list[MemoryRow],
                     stage_task: str, anchor: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -345,10 +391,13 @@ class Trainer:
         totals = [0.0] * (2 * len(STATS))  # sums, then how many passes reported each statistic
         for k, chunk in enumerate(chunks):
             weight = float(world.size) if k < real else 0.0  # DDP averages over processes
+            views = len(self._disc_views)
             with step_loss.no_sync() if ddp and k < passes - 1 else contextlib.nullcontext():
                 loss, stats = step_loss(chunk, memory[k::real] if weight else [], stage_task, anchor, scale,
                                         world.main and k == 0)
                 scaler.scale(loss * weight).backward()
+            if not weight:
+                del self._disc_views[views:]  # a padding pass: its row adds nothing to the discriminator steps either
             for i, key in enumerate(STATS):
                 if key in stats and weight:
                     totals[i] += stats[key]
@@ -408,7 +457,11 @@ class Trainer:
         anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if ".experts.shared." in n}
                   if self._moecl and past and cfg.retention.shared_l2 > 0 else {})
         step_loss = self._data_parallel(stage)
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+        judges = {id(p) for m in model.ffn_modules() if m.discriminator is not None for p in m.discriminator.parameters()}
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if id(p) not in judges]},
+             {"params": [p for p in params if id(p) in judges], "lr": cfg.adversarial.lr or cfg.train.lr}],
+            lr=cfg.train.lr, weight_decay=0.0)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(model.device.type, enabled=cfg.train.precision == "fp16")
         name = "+".join(t.name for t in stage)
@@ -420,12 +473,16 @@ class Trainer:
             if number <= step:
                 continue  # a resumed stage replays the data order up to where it stopped
             optimizer.zero_grad(set_to_none=True)
+            ramp = cfg.adversarial.ramp_steps
+            self._lambda_now = self._adversarial_weight * (min(1.0, (step + 1) / ramp) if ramp else 1.0)
+            self._disc_views = []
             stats = self._accumulate(step_loss, scaler, rows, memory_rows, stage[-1].name, anchor)
             if cfg.train.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            self._discriminator_steps(optimizer, step_loss)
             step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
@@ -445,14 +502,19 @@ class Trainer:
                 model.snapshot_shared(task.name)
         if cfg.router.fit_per_task:
             for task in stage:
-                texts = [e.text for e in per_label(task.train, cfg.train.max_per_label, cfg.train.seed)]
-                model.task_router.fit(task.name, text_features(model, texts[: cfg.router.fit_per_task],
-                                                               cfg.train.max_length, cfg.eval.batch_size))
+                fit, held = router_texts(task.train, cfg.router.fit_per_task, cfg.router.calibrate_per_task,
+                                         cfg.train.max_per_label, cfg.train.seed)
+                if cfg.router.calibrate_per_task and len(held) < MIN_HELD_OUT:
+                    log.warning("router: %s has %d texts to spare, fewer than %d: it will refuse no text routed to it",
+                                task.name, len(held), MIN_HELD_OUT)
+                features = text_features(model, fit + held, cfg.train.max_length, cfg.eval.batch_size)
+                model.task_router.fit(task.name, features[: len(fit)], features[len(fit):],
+                                      cfg.router.accept_quantile)
 
     def routing_accuracy(self) -> dict[str, float]:
         """Per task: the share of its test texts the task-free router sends back to it (each process
         routes its share)."""
-        result = {}
+        result, started = {}, time.perf_counter()
         for name in self.model.tasks:
             texts = [e.text for e in self.test_sets[name]]
             mine, real = self.world.even_shard(texts)
@@ -460,6 +522,7 @@ class Trainer:
                 text_features(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size))
             [hits] = self.world.sum([sum(r == name for r in routed[:real])])
             result[name] = hits / len(texts)
+        self.scoring_seconds += time.perf_counter() - started
         return result
 
     # -- the run ------------------------------------------------------------------------------
@@ -565,7 +628,7 @@ class Trainer:
         metrics = summarise(names, progress.matrix, *fwt_inputs, stages=stage_tasks(progress.training, progress.matrix))
         metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
                        routing_accuracy=progress.routing_accuracy, training=progress.training,
-                       train_seconds=round(seconds, 1))
+                       train_seconds=round(seconds, 1), scoring_seconds=round(self.scoring_seconds, 1))
         if self.world.main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             stages = [s["stage"] for s in progress.training] if len(progress.training) == len(progress.matrix) else None

@@ -56,8 +56,10 @@ def _report(tracking_uri: str, run_id: str, seconds: float) -> None:
     run = registry.connect(tracking_uri).get_run(run_id)
     steps = {k.removeprefix("seconds."): v for k, v in run.data.metrics.items() if k.startswith("seconds.")}
     accuracy = {k.removeprefix("accuracy."): v for k, v in run.data.metrics.items() if k.startswith("accuracy.")}
+    scoring = run.data.metrics.get("train_scoring_seconds")
     print(f"  outcome: {run.data.tags.get(registry.TAG_OUTCOME)}; wall {seconds:.0f}s; steps: "
-          + ", ".join(f"{name} {value:.0f}s" for name, value in steps.items()))
+          + ", ".join(f"{name} {value:.0f}s" for name, value in steps.items())
+          + (f" (the train step's scoring: {scoring:.0f}s)" if scoring is not None else ""))
     print("  accuracy: " + ", ".join(f"{task} {value:.2f}" for task, value in accuracy.items()))
     for version in registry.connect(tracking_uri).search_model_versions(f"run_id='{run_id}'"):
         if version.tags.get("moecl.rejection_reasons"):

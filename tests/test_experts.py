@@ -243,3 +243,32 @@ def test_without_adversarial_weight_the_discriminator_does_not_run(tiny_model, m
     model.route(["a", "b"], text_mask=torch.ones_like(ids), adversarial_weight=0.0)
     model.hidden_states(ids, torch.ones_like(ids))
     assert model.routing.disc_labels is None
+
+
+def test_each_layers_shared_expert_feels_lambda_times_its_own_layers_discriminator_loss(tiny_model):
+    """λ is per layer: summed over layers, not averaged (a mean would give each layer λ / layers)."""
+    import torch.nn.functional as F
+
+    from moecl.model import balanced_weights
+
+    model = _two_task_model(tiny_model)
+    model.prepare_training(["b"])
+    ids, lam = torch.randint(5, 200, (4, 9)), 0.3
+    mask = torch.ones_like(ids)
+    _disc_gradients(model, ids, mask, weight=lam)
+    modules = model.ffn_modules()
+    assert len(modules) >= 2
+    reversed_ = [{n: p.grad.clone() for n, p in m.experts[SHARED].named_parameters()} for m in modules]
+    for layer, module in enumerate(modules):
+        model.zero_grad(set_to_none=True)
+        model.route(["a", "a", "b", "b"], text_mask=mask, adversarial_weight=1.0)
+        model.routing.adversarial_weight = -1.0  # the reversal undone: the plain gradient of this layer's loss
+        model.hidden_states(ids, mask)
+        labels = model.routing.disc_labels
+        alone = (F.cross_entropy(model.routing.disc_logits[layer], labels, reduction="none") * balanced_weights(labels)).sum()
+        alone.backward()
+        for name, param in module.experts[SHARED].named_parameters():
+            if name.split(".")[-1] in ("A", "B") and name.startswith(("gate_proj", "up_proj", "down_proj")):
+                assert param.grad.abs().sum() > 0, name
+                expected = -lam * param.grad  # float sums in another order: tolerance well below a 1/layers factor
+                torch.testing.assert_close(reversed_[layer][name], expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())

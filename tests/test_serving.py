@@ -104,3 +104,24 @@ def test_the_registered_model_loads_where_moecl_is_not_installed(registered, tmp
     topics, sentiment = json.loads(answers)
     assert topics in ("sports", "science", "politics") and sentiment in ("bad", "good")
     assert "code" in Path(origin).parts and not origin.startswith(str(Path(__file__).parents[1] / "moecl"))
+
+
+def test_a_row_of_no_known_task_is_answered_unknown_task_not_guessed(registered, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root, _ = registered
+    checkpoint = shutil.copytree(root / "run" / "checkpoint", tmp_path / "checkpoint")
+    stored = checkpoint / "adapters" / "task-router.safetensors"
+    refusing = {k: torch.tensor(-1.0, dtype=torch.float64) if k.endswith(".threshold") else v
+                for k, v in load_file(stored).items()}
+    save_file(refusing, stored)  # every task now refuses every routed text
+    served = registry.MoeclPyfunc()
+    served.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}))
+    rows = pd.DataFrame({"task": [None, "topics"], "text": ["train 2 charlie: sports sports sports", "sports sports"]})
+    labels = served.predict(None, rows)
+    assert labels[0] == registry.UNKNOWN_TASK and labels[1] in {"sports", "science", "politics"}

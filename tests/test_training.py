@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from moecl.checkpoint import load_model
 from moecl.cli import main
-from moecl.config import load_config
+from moecl.config import METHODS, load_config
 from moecl.manifest import read_manifest
 from moecl.scoring import label_log_likelihoods, predict
 from moecl.trainer import Trainer
@@ -83,7 +83,7 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path, task_di
     assert (tmp_path / "run/checkpoint/manifest.json").read_text() == before
 
 
-@pytest.mark.parametrize("method", ["moecl", "moecl-nogan", "seq-lora", "inc-lora", "replay", "olora", "mtl"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_reports(tmp_path, task_dirs, method):
     metrics = _train(tmp_path, task_dirs, method=method, train={"epochs": 1})
     rows = metrics["accuracy_matrix"]
@@ -100,6 +100,7 @@ def test_every_method_trains_and_reports(tmp_path, task_dirs, method):
         "moecl-nogan": {"shared", "topics", "sentiment", "animals", "shared@topics", "shared@sentiment", "shared@animals"},
         "seq-lora": {"shared"}, "replay": {"shared"}, "mtl": {"shared"},
         "inc-lora": {"topics", "sentiment", "animals"}, "olora": {"topics", "sentiment", "animals"},
+        "inc-lora-warm": {"topics", "sentiment", "animals"}, "inc-lora-r16": {"topics", "sentiment", "animals"},
     }[method]
     assert {g.removeprefix("expert-") for g in groups if g.startswith("expert-")} == expected_experts
 
@@ -241,15 +242,18 @@ def test_a_task_with_a_changed_label_set_is_retrained_with_a_new_classifier_head
     ("seq-lora", "snapshot", 0), ("olora", "snapshot", 0),  # one shared expert / a sum that grows
 ])
 def test_reused_scores_leave_the_accuracy_matrix_as_scoring_everything(tmp_path, task_dirs, method, retention, reused):
+    """With forward transfer too: its baseline is the bare backbone, scored before any task is added."""
     def run(name, reuse):
         cfg = load_config(write_config(tmp_path / f"{name}.yaml", task_dirs, method=method, train={"epochs": 1},
-                                       retention={"shared": retention}, eval={"batch_size": 4, "reuse": reuse}))
+                                       retention={"shared": retention},
+                                       eval={"batch_size": 4, "reuse": reuse, "forward_transfer": True}))
         trainer = Trainer(cfg, tmp_path / name)
-        return trainer.run()["accuracy_matrix"], trainer.reused
+        metrics = trainer.run()
+        return (metrics["accuracy_matrix"], metrics["fwt"], trainer.progress.before_training), trainer.reused
 
     fresh, none_reused = run("fresh", reuse=False)
     matrix, count = run("reused", reuse=True)
-    assert matrix == fresh and none_reused == 0
+    assert matrix == fresh and none_reused == 0 and fresh[1] is not None
     assert count == reused
 
 
@@ -282,3 +286,75 @@ def test_moecl_nogan_draws_the_batches_and_memory_rows_moecl_draws(tmp_path, tas
     _train(tmp_path, two, name="nogan", method="moecl-nogan")
     assert any(memory for _, memory in drawn["moecl"])  # the second stage rehearses the first's inputs
     assert drawn["moecl-nogan"] == drawn["moecl"]
+
+
+def test_router_texts_hold_out_texts_the_router_was_not_fit_on():
+    from moecl.data import Example
+    from moecl.trainer import router_texts
+
+    rows = [Example(f"text {i}", i % 2, "t") for i in range(100)]
+    fit, held = router_texts(rows, fit=40, calibrate=30, max_per_label=None, seed=0)
+    assert (len(fit), len(held)) == (40, 30) and not set(fit) & set(held)
+    fit, held = router_texts(rows[:50], fit=40, calibrate=30, max_per_label=None, seed=0)
+    assert (len(fit), len(held)) == (40 - 8, 10 + 8) and not set(fit) & set(held)  # a fifth lent
+
+
+def test_predict_without_a_task_prints_a_question_mark_for_a_text_of_no_known_task(tmp_path, task_dirs, capsys):
+    from safetensors.torch import save_file
+
+    _train(tmp_path, task_dirs, train={"epochs": 1})
+    stored = tmp_path / "run" / "checkpoint" / "adapters" / "task-router.safetensors"
+    tensors = load_file(stored)
+    far = {k: torch.tensor(-1.0, dtype=torch.float64) if k.endswith(".threshold") else v for k, v in tensors.items()}
+    save_file(far, stored)  # every task now refuses every text: each answer must say so, not guess
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "run"), "review train 1 charlie: good good good"]) == 0
+    assert capsys.readouterr().out == "?\t\n"
+    assert main(["predict", "--model", str(tmp_path / "run"), "--task", "sentiment", "review good good"]) == 0
+    assert capsys.readouterr().out.strip() in {"bad", "good"}  # a told task is never refused
+
+
+def test_discriminator_only_steps_move_the_discriminators_and_nothing_else(tmp_path, task_dirs):
+    """One step per stage (batch 32 > 18 rows): the second stage's joint step is the same, then two
+    more steps of the discriminators alone on the features that step's forward produced."""
+    two = {name: task_dirs[name] for name in ("topics", "sentiment")}
+    for inner in (1, 3):
+        _train(tmp_path, two, name=f"inner{inner}", adversarial={"inner_steps": inner, "lr": 0.05},
+               train={"batch_size": 32, "epochs": 1}, memory={"per_task": 6, "per_batch": 3})
+    for group in _adapters_groups(tmp_path / "inner1"):
+        one, three = _adapters(tmp_path / "inner1", group), _adapters(tmp_path / "inner3", group)
+        for key in one:
+            moved = not torch.equal(one[key], three[key])
+            assert moved == (".discriminator." in key), (group, key)
+
+
+def test_inc_lora_warm_starts_each_task_from_the_previous_tasks_final_adapter(tmp_path, task_dirs):
+    two = {name: task_dirs[name] for name in ("topics", "sentiment")}
+    seen = {}
+    _train(tmp_path, {"topics": task_dirs["topics"]}, name="run", method="inc-lora-warm")
+    seen["topics"] = _adapters(tmp_path / "run", "expert-topics")
+    trainer = Trainer(load_config(write_config(tmp_path / "two.yaml", two, method="inc-lora-warm")), tmp_path / "run")
+    trainer.on_checkpoint = lambda folder: None
+    original = trainer.train_stage
+
+    def before_training(stage, past, index):  # the new adapter as training finds it
+        seen["start"] = {k: v.clone() for k, v in trainer.model.adapter_groups()["expert-sentiment"].items()}
+        return original(stage, past, index)
+
+    trainer.train_stage = before_training
+    trainer.run(resume=True)
+    as_topics = lambda tensors: {k.replace(".sentiment.", ".topics."): v for k, v in tensors.items()}  # noqa: E731
+    start, final = as_topics(seen["start"]), as_topics(_adapters(tmp_path / "run", "expert-sentiment"))
+    assert start.keys() == seen["topics"].keys()
+    assert all(torch.equal(start[k], seen["topics"][k]) for k in start)
+    assert any(not torch.equal(final[k], seen["topics"][k]) for k in final)  # then it trains
+    kept = _adapters(tmp_path / "run", "expert-topics")
+    assert all(torch.equal(kept[k], seen["topics"][k]) for k in kept)  # and the old one stays frozen
+
+
+def test_inc_lora_r16_has_twice_the_rank_at_the_same_scale(tiny_model):
+    plain, doubled = tiny_model("inc-lora"), tiny_model("inc-lora-r16")
+    for model in (plain, doubled):
+        model.add_task("a", ["x", "y"])
+    a, b = plain.wrapped[0].experts["a"]["up_proj"], doubled.wrapped[0].experts["a"]["up_proj"]
+    assert b.A.shape[0] == 2 * a.A.shape[0] and b.scale == a.scale

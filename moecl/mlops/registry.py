@@ -37,6 +37,7 @@ for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4"), ("MLFLOW_HTTP_RE
                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
     os.environ.setdefault(_name, _value)
 MAX_TEXT_CHARS = 20000  # a served text longer than this is refused (the validation step's default bound)
+UNKNOWN_TASK = "unknown task"  # the served answer for a row the router finds of no known task
 
 
 def init_store(tracking_uri: str) -> None:
@@ -156,7 +157,8 @@ class RowError(MlflowException):
 
 class MoeclPyfunc(mlflow.pyfunc.PythonModel):
     """Serves a checkpoint: input rows {text, task (optional)}, output one label per row. Rows
-    without a task are routed to one by the model's task-free router."""
+    without a task are routed to one by the model's task-free router; a row it finds of no known
+    task is answered UNKNOWN_TASK, not with a guess from some task's labels."""
 
     def load_context(self, context) -> None:
         from ..checkpoint import load_model
@@ -170,7 +172,7 @@ class MoeclPyfunc(mlflow.pyfunc.PythonModel):
         tasks = [t if isinstance(t, str) and t else None for t in tasks]  # NaN / None / "" -> route
         texts = model_input["text"].tolist()
         self._check(texts, tasks)
-        return [label for _, label in answer(self.model, self.prompts, texts, tasks)]
+        return [UNKNOWN_TASK if label is None else label for _, label in answer(self.model, self.prompts, texts, tasks)]
 
     def _check(self, texts: list, tasks: list) -> None:
         """A bad row is the client's error: one line naming the row, answered as HTTP 400 when served."""

@@ -221,7 +221,7 @@ def _train_candidate(tracking_uri: str, model_name: str, parent_version: str, se
             trainer.on_checkpoint = lambda folder: client.log_artifacts(run_id, str(folder), f"{TRAINING_STATE}/{folder.name}")
         metrics = trainer.extend(read_manifest(start)) if start else trainer.run(resume=resumed)
     summary = {"new_tasks": new, "changed_tasks": changed, "parent_champion": best.version if best else None,
-               "train_seconds": metrics["train_seconds"]}
+               "train_seconds": metrics["train_seconds"], "scoring_seconds": metrics["scoring_seconds"]}
     return run_dir / "checkpoint", summary
 
 
@@ -299,9 +299,9 @@ def train(tracking_uri: str, model_name: str, parent_version: str, run_id: str, 
             shutil.rmtree(model_dir, ignore_errors=True)
             shutil.copytree(checkpoint, model_dir)
     with registry.logging_to(tracking_uri, run_id):
-        mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if k != "train_seconds"})
+        mlflow.log_params({k: json.dumps(v) for k, v in summary.items() if not k.endswith("_seconds")})
         mlflow.log_params(flat_params(run_config(settings, Path("."), ["settings"]).to_dict()))
-        mlflow.log_metric("train_seconds", summary["train_seconds"])
+        mlflow.log_metrics({"train_seconds": summary["train_seconds"], "train_scoring_seconds": summary["scoring_seconds"]})
         trained = set(summary["new_tasks"] + summary["changed_tasks"])  # the model's earlier stages were other runs'
         _log_curve([p for p in read_manifest(Path(model_dir))["progress"].get("curve", []) if p["stage"] in trained])
     return summary

@@ -20,6 +20,7 @@ from .task_router import TaskRouter
 
 IGNORE = -100
 ROUTER_GROUP = "task-router"
+BARE_BACKBONE = "bare backbone"  # the scoring digest of a model that adds nothing to its backbone
 
 
 def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -272,9 +273,15 @@ class ContinualModel(nn.Module):
 
     def scoring_digest(self, task: str) -> str:
         """A digest of every tensor `task`'s answers read (besides the frozen backbone): equal digests,
-        equal answers on the same inputs and settings."""
+        equal answers on the same inputs and settings. BARE_BACKBONE when what it reads adds nothing
+        (no head, every LoRA's B zero, as in fresh experts: gates then mix equal streams), so the
+        first task's score before training is the bare backbone's, already measured."""
         groups, digest = self.adapter_groups(), hashlib.sha256()
-        for group in self.scoring_groups(task):
+        reads = self.scoring_groups(task)
+        if not any(g.startswith("head-") for g in reads) and not any(
+                tensor.any() for g in reads for name, tensor in groups[g].items() if name.endswith(".B")):
+            return BARE_BACKBONE
+        for group in reads:
             for name, tensor in sorted(groups[group].items()):
                 digest.update(f"{group}/{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -154,8 +154,7 @@ class Trainer:
         With `eval.reuse`, an accuracy is reused while the tensors the task's answers read are
         unchanged (the test set and scoring settings are fixed for the run). The bare backbone
         (forward transfer's baseline) is scored before the model holds the task at all."""
-        reads = "bare backbone" if self.model.routing.bypass else self.model.scoring_digest(task.name)
-        key = (task.name, reads, tuple(task.labels))
+        key = (task.name, self.model.scoring_digest(task.name), tuple(task.labels))
         if self.cfg.eval.reuse and key in self.scored:
             self.reused += 1
             return self.scored[key]

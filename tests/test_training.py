@@ -235,11 +235,13 @@ def test_a_task_with_a_changed_label_set_is_retrained_with_a_new_classifier_head
     assert model.heads["topics"].out_features == 4
 
 
+# Every method: the first task before training adds nothing to the backbone (fresh experts), so its
+# score is the bare backbone's from forward transfer's baseline (+1).
 @pytest.mark.parametrize("method, retention, reused", [
-    ("moecl", "snapshot", 3),  # stage 2 reuses topics; stage 3 topics and sentiment: frozen expert, gate, snapshot
-    ("inc-lora", "snapshot", 3),  # an old task reads only its own frozen expert
-    ("moecl", "live", 0),  # old tasks read the live shared expert, which every stage trains
-    ("seq-lora", "snapshot", 0), ("olora", "snapshot", 0),  # one shared expert / a sum that grows
+    ("moecl", "snapshot", 3 + 1),  # stage 2 reuses topics; stage 3 topics and sentiment: frozen expert, gate, snapshot
+    ("inc-lora", "snapshot", 3 + 3),  # an old task reads only its own frozen expert; a new one only its fresh one
+    ("moecl", "live", 0 + 1),  # old tasks read the live shared expert, which every stage trains
+    ("seq-lora", "snapshot", 0 + 1), ("olora", "snapshot", 0 + 1),  # one shared expert / a sum that grows
 ])
 def test_reused_scores_leave_the_accuracy_matrix_as_scoring_everything(tmp_path, task_dirs, method, retention, reused):
     """With forward transfer too: its baseline is the bare backbone, scored before any task is added."""
@@ -358,3 +360,24 @@ def test_inc_lora_r16_has_twice_the_rank_at_the_same_scale(tiny_model):
         model.add_task("a", ["x", "y"])
     a, b = plain.wrapped[0].experts["a"]["up_proj"], doubled.wrapped[0].experts["a"]["up_proj"]
     assert b.A.shape[0] == 2 * a.A.shape[0] and b.scale == a.scale
+
+
+def test_a_model_whose_experts_add_nothing_answers_as_the_bare_backbone(tiny_model):
+    from moecl.model import BARE_BACKBONE
+    from moecl.prompts import TaskPrompt
+    from moecl.scoring import label_scores
+
+    model = tiny_model("moecl")
+    model.add_task("a", ["yes", "no"])
+    model.eval()
+    assert model.scoring_digest("a") == BARE_BACKBONE  # fresh: every LoRA's B is zero
+    prompt = TaskPrompt(model.tokenizer, "a", ["yes", "no"], 64)
+    texts = ["one two three", "four five six seven"]
+    fresh = label_scores(model, prompt, texts, 2)
+    model.routing.bypass = True
+    bare = label_scores(model, prompt, texts, 2)
+    model.routing.bypass = False
+    assert torch.equal(fresh, bare)
+    with torch.no_grad():
+        model.wrapped[0].experts["a"]["up_proj"].B.add_(0.1)
+    assert model.scoring_digest("a") != BARE_BACKBONE

@@ -1,9 +1,9 @@
 """bf16 against fp32 on this machine's CPU: the same short MoE-CL run (SmolLM2, one task) trained and
 scored in each precision, with the run's time per optimizer step (the trainer's whole run: the
 steps, its before/after scoring, routing statistics and checkpoint), the scoring time of the test
-set alone and the accuracy. Whether
-the CPU has AMX (`amx_bf16` in /proc/cpuinfo) decides whether bf16 can pay at all: without it
-PyTorch emulates bf16 matmuls.
+set alone and the accuracy. Whether the CPU has bf16 units (AMX: `amx_bf16`, or AVX-512 bf16:
+`avx512_bf16` in /proc/cpuinfo) decides whether bf16 can pay at all: without them PyTorch emulates
+bf16 matmuls. The file is named by AMX; the JSON records both flags.
 
     python benchmarks/precision.py [--task dbpedia] [--train-per-label 8] [--test-per-label 10]
 
@@ -35,6 +35,10 @@ def cpu() -> tuple[str, bool]:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor())
     return name, " amx_bf16" in info
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return Path("/proc/cpuinfo").is_file() and " avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 def run(precision: str, args, out: Path) -> dict:
@@ -90,7 +94,7 @@ def main() -> None:
         print(f"| {r['precision']} | {r['run_seconds_per_step']:.2f} | {r['run_speedup']:.2f}x | {r['rows_per_second']:.2f} "
               f"| {r['scoring_speedup']:.2f}x | {r['accuracy']:.3f} | {r['same_predictions']:.3f} |")
     out = args.out or ROOT / "benchmarks" / "results" / f"precision-{'amx' if amx else 'no-amx'}.json"
-    out.write_text(json.dumps({"cpu": name, "amx": amx, "threads": args.threads, "task": args.task,
+    out.write_text(json.dumps({"cpu": name, "amx": amx, "avx512_bf16": cpu_has_avx512_bf16(), "threads": args.threads, "task": args.task,
                                "train_per_label": args.train_per_label, "test_per_label": args.test_per_label,
                                "results": results}, indent=2))
 

@@ -109,7 +109,7 @@ class TrainConfig:
     max_length: int = 128
     max_per_label: int | None = None
     seed: int = 0
-    max_grad_norm: float | None = None  # clip the global gradient norm (None: no clipping)
+    max_grad_norm: float | None = None  # clip the adapters' gradient norm, and the discriminators' apart (None: no clipping)
     device: str = "auto"  # auto: CUDA when present
     # fp32, or bf16 / fp16: the frozen backbone is stored in that type and every forward runs under
     # autocast, while adapters, gates and discriminators keep fp32 master weights (fp16 adds loss scaling);

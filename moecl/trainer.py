@@ -143,7 +143,7 @@ class Trainer:
         self.scored: dict[tuple, float] = {}  # (task, scoring digest, labels) -> accuracy: see evaluate
         self.reused = 0  # evaluations answered from `scored`
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
-        self._lambda_now = 0.0  # this step's λ (adversarial.ramp_steps)
+        self._lambda_now = self._adversarial_weight  # this step's λ (raised over adversarial.ramp_steps)
         self.scoring_seconds = 0.0  # spent scoring test sets and routing (the run's evaluation cost)
         self._disc_views: list[tuple] = []  # this step's discriminator inputs, labels, row weights
         self.on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint written (rank 0)
@@ -478,7 +478,9 @@ class Trainer:
             stats = self._accumulate(step_loss, scaler, rows, memory_rows, stage[-1].name, anchor)
             if cfg.train.max_grad_norm:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                # Adapters and discriminators apart: a sharp discriminator's gradient must not throttle the task's.
+                for group in optimizer.param_groups:
+                    torch.nn.utils.clip_grad_norm_(group["params"], cfg.train.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             self._discriminator_steps(optimizer, step_loss)

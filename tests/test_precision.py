@@ -76,20 +76,22 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(tmp_path):
 
     from moecl.backbone import resolve_precision
 
-    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx, avx512, plain = tmp_path / "amx", tmp_path / "avx512", tmp_path / "plain"
     amx.write_text("flags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
-    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")  # bf16 instructions, no AMX tiles
+    avx512.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")  # bf16 dot products, no AMX tiles
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu, amx) == "bf16"
+    assert resolve_precision("auto", cpu, avx512) == "bf16"
     assert resolve_precision("auto", cpu, plain) == "fp32"
     assert resolve_precision("auto", cpu, tmp_path / "no-such-file") == "fp32"
     assert resolve_precision("fp16", cpu, amx) == "fp16"  # an explicit choice is kept
 
 
 def test_a_run_with_auto_precision_records_the_precision_it_ran_in(tmp_path, task_dirs):
-    from moecl.backbone import cpu_has_amx
+    from moecl.backbone import cpu_has_bf16
 
     cfg = load_config(write_config(tmp_path / "auto.yaml", {"topics": task_dirs["topics"]}, train={"precision": "auto"}))
     trainer = Trainer(cfg, tmp_path / "run")
-    expected = "bf16" if cpu_has_amx() else "fp32"
+    expected = "bf16" if cpu_has_bf16() else "fp32"
     assert trainer.cfg.train.precision == trainer.model.precision == expected

@@ -381,3 +381,19 @@ def test_a_model_whose_experts_add_nothing_answers_as_the_bare_backbone(tiny_mod
     with torch.no_grad():
         model.wrapped[0].experts["a"]["up_proj"].B.add_(0.1)
     assert model.scoring_digest("a") != BARE_BACKBONE
+
+
+def test_the_adversarial_weight_ramps_up_over_each_stages_first_steps(tmp_path, task_dirs, monkeypatch):
+    from moecl.model import ContinualModel
+
+    two = {name: task_dirs[name] for name in ("topics", "sentiment")}  # 18 and 12 rows: 5 and 3 steps of 4
+    weights, route = [], ContinualModel.route
+
+    def recording(self, tasks, text_mask=None, adversarial_weight=0.0):
+        if text_mask is not None:  # a training step (scoring routes without a text mask)
+            weights.append(adversarial_weight)
+        return route(self, tasks, text_mask, adversarial_weight)
+
+    monkeypatch.setattr(ContinualModel, "route", recording)
+    _train(tmp_path, two, adversarial={"weight": 0.2, "ramp_steps": 4}, train={"epochs": 1})
+    assert weights == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.05, 0.1, 0.15])

@@ -357,7 +357,7 @@ class Trainer:
         joint step). Only the discriminators get gradients, so only they move."""
         if not self._disc_views:
             return
-        judges = [p for m in self.model.ffn_modules() if m.discriminator is not None for p in m.discriminator.parameters()]
+        judges = optimizer.param_groups[-1]["params"]  # the discriminators' group (train_stage)
         ddp = isinstance(step_loss, DistributedDataParallel)
         for _ in range(self.cfg.adversarial.inner_steps - 1):
             optimizer.zero_grad(set_to_none=True)

@@ -22,14 +22,17 @@ from .manifest import CHECKPOINT, FORMAT_VERSION, read_manifest
 from .model import ContinualModel
 
 def save_checkpoint(model: ContinualModel, run_dir: Path, manifest: dict, name: str = CHECKPOINT,
-                    extra: dict[str, object] | None = None) -> Path:
-    """Write DIR/<name> atomically; `extra`: more objects saved with torch.save (e.g. optimizer state)."""
+                    extra: dict[str, object] | None = None, texts: dict[str, str] | None = None) -> Path:
+    """Write DIR/<name> atomically; `extra`: more objects saved with torch.save (e.g. optimizer state),
+    `texts`: more text files (e.g. the answers scored for this checkpoint, moecl.answer_keys)."""
     run_dir = Path(run_dir)
     final, staging, retired = (run_dir / f"{name}{s}" for s in ("", ".new", ".old"))
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "adapters").mkdir(parents=True)
     for file, obj in (extra or {}).items():
         torch.save(obj, staging / file)
+    for file, text in (texts or {}).items():
+        (staging / file).write_text(text)
     for group, tensors in model.adapter_groups().items():
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / "adapters" / f"{group}.safetensors")
     manifest = {"format_version": FORMAT_VERSION, **manifest}

@@ -290,17 +290,21 @@ class MoEFeedForward(ExpertModule):
         commutes with the (linear) down projection, so that runs on the pooled vector."""
         tokens = self.state.pool_mask.flatten().nonzero().squeeze(1)
         rows = tokens // self.state.pool_mask.shape[1]
-        x, gx, ux = (t.detach().flatten(0, -2)[tokens] for t in (x, gx, ux))
-        batch = self.state.pool_mask.shape[0]
-        pool = F.one_hot(rows, batch).T.to(x.dtype)
-        pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1)  # (batch, tokens) averaging weights
-        with torch.no_grad():  # the base FFN's part carries no gradient: pool it on its own
-            pooled_base = pool @ (self.base.act_fn(gx) * ux)
-        shared_hidden, = self._hidden([LIVE], x, gx, ux)
-        pooled_shared = pool @ shared_hidden
-        pooled = self.base.down_proj(pooled_shared - pooled_base)
-        pooled = self.add_delta(LIVE, "down_proj", pooled, pooled_shared)
-        logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
+        batch, device = self.state.pool_mask.shape[0], x.device.type
+        # The shared expert's hidden state minus the base FFN's is a small difference of two large,
+        # near-equal states: in fp32 under any precision (bf16 would round most of it away).
+        with torch.autocast(device, enabled=False):
+            x, gx, ux = (t.detach().flatten(0, -2)[tokens].float() for t in (x, gx, ux))
+            pool = F.one_hot(rows, batch).T.to(x.dtype)
+            pool = pool / pool.sum(dim=1, keepdim=True).clamp(min=1)  # (batch, tokens) averaging weights
+            with torch.no_grad():  # the base FFN's part carries no gradient: pool it on its own
+                pooled_base = pool @ (self.base.act_fn(gx) * ux)
+            shared_hidden, = self._hidden([LIVE], x, gx, ux)
+            pooled_shared = pool @ shared_hidden
+            difference = pooled_shared - pooled_base
+        pooled = self.add_delta(LIVE, "down_proj", self.base.down_proj(difference), pooled_shared).float()
+        with torch.autocast(device, enabled=False):  # the discriminator and its loss (subtracted from the task loss)
+            logits = self.discriminator(reverse_gradient(pooled, self.state.adversarial_weight))
         self.state.disc_logits.append(logits)
         self.state.disc_inputs.append(pooled.detach())
 

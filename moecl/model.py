@@ -23,15 +23,6 @@ ROUTER_GROUP = "task-router"
 BARE_BACKBONE = "bare backbone"  # the scoring digest of a model that adds nothing to its backbone
 
 
-def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Next-token loss on answer tokens only; the vocabulary projection runs only where needed."""
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits, targets[keep])
-
-
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per row, 1 / (rows of its class x classes present): every class weighs the same, and the
     weights sum to 1."""
@@ -92,6 +83,7 @@ class ContinualModel(nn.Module):
         self.task_router = TaskRouter()
         self.tasks: list[str] = []
         self.labels: dict[str, list[str]] = {}
+        self._head_fp32: torch.Tensor | None = None  # see vocabulary_logits
 
     @property
     def uses_shared_expert(self) -> bool:
@@ -162,6 +154,18 @@ class ContinualModel(nn.Module):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits computed in fp32 under any precision. Losses and label margins are
+        differences of log-probabilities, and logits of 10-30 rounded to bf16 move by up to 0.125,
+        close to the margins scoring ranks. The head's frozen weight is cast once and kept."""
+        head = self.backbone.get_output_embeddings()
+        if self.precision == "fp32":
+            return head(hidden)
+        if self._head_fp32 is None or self._head_fp32.device != head.weight.device:
+            self._head_fp32 = head.weight.detach().float()
+        with torch.autocast(self.device.type, enabled=False):
+            return F.linear(hidden.float(), self._head_fp32, None if head.bias is None else head.bias.float())
+
     def prepare_training(self, tasks: list[str], discriminators: bool = True) -> list[nn.Parameter]:
         """Freeze every adapter tensor, then unfreeze what training `tasks` may change: the shared
         expert, these tasks' experts and gates, the discriminators (when this stage runs them) and
@@ -196,7 +200,11 @@ class ContinualModel(nn.Module):
         return self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def lm_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        return answer_loss(self.backbone, input_ids, attention_mask, labels)
+        """Next-token loss on answer tokens only, with fp32 logits (`vocabulary_logits`)."""
+        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        return F.cross_entropy(self.vocabulary_logits(hidden[keep]), targets[keep])
 
     def last_token_states(self, input_ids, attention_mask) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, attention_mask)
@@ -204,8 +212,10 @@ class ContinualModel(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def class_logits(self, input_ids, attention_mask, task: str) -> torch.Tensor:
-        """Per-task head on the last real token of each prompt (the official code's mode)."""
-        return self.heads[task](self.last_token_states(input_ids, attention_mask))
+        """Per-task head on the last real token of each prompt (the official code's mode), in fp32."""
+        states = self.last_token_states(input_ids, attention_mask)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.heads[task](states.float())
 
     def classifier_loss(self, input_ids, attention_mask, tasks_per_example: list[str],
                         class_labels: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -216,7 +226,8 @@ class ContinualModel(nn.Module):
         for task in dict.fromkeys(tasks_per_example):
             rows = [i for i, t in enumerate(tasks_per_example) if t == task and class_labels[i] >= 0]
             if rows:
-                logits = self.heads[task](states[rows])
+                with torch.autocast(self.device.type, enabled=False):  # fp32 logits, as class_logits
+                    logits = self.heads[task](states[rows].float())
                 losses.append(F.cross_entropy(logits, class_labels[rows], reduction="sum"))
         return sum(losses) / (total or (class_labels >= 0).sum())
 

@@ -41,8 +41,8 @@ def _encode_prompts(model: ContinualModel, prompts: list[list[int]], tasks: list
     model.route(tasks)
     ids, mask = _pad(prompts, model.tokenizer.pad_token_id, left=True, device=model.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return F.log_softmax(out.logits[:, -1].float(), dim=-1), out.cache, mask
+    out = model.backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return F.log_softmax(model.vocabulary_logits(out.last_hidden_state[:, -1]), dim=-1), out.cache, mask
 
 
 def _continuations(model: ContinualModel, cache, mask: torch.Tensor, owner: torch.Tensor,
@@ -56,13 +56,14 @@ def _continuations(model: ContinualModel, cache, mask: torch.Tensor, owner: torc
     cache.batch_select_indices(owner)  # continuation row r extends prompt owner[r] with its answer
     model.route([tasks[i] for i in owner.tolist()])
     inputs, inputs_mask = answer_ids[:, :-1], answer_mask[:, 1:]
-    cont = model.backbone(
+    cont = model.backbone.base_model(
         input_ids=inputs,
         attention_mask=torch.cat([mask[owner], inputs_mask], dim=1),
         position_ids=mask.sum(-1)[owner, None] + torch.arange(inputs.shape[1], device=device),
         cache=cache,
     )
-    token_lp = F.log_softmax(cont.logits.float(), dim=-1).gather(-1, answer_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token_lp = F.log_softmax(model.vocabulary_logits(cont.last_hidden_state), dim=-1)
+    token_lp = token_lp.gather(-1, answer_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (token_lp * inputs_mask).sum(-1)
 
 

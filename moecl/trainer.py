@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .answer_keys import ANSWERS_FILE, examples_key, model_key
 from .backbone import load_backbone, resolve_device, resolve_precision
 from .checkpoint import load_adapters, save_checkpoint
 from .config import Config
@@ -31,7 +32,7 @@ from .methods import REGISTRY
 from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
-from .scoring import predict
+from .scoring import predict, rank_labels
 from .task_router import MIN_HELD_OUT, text_features
 
 log = logging.getLogger("moecl")
@@ -142,6 +143,7 @@ class Trainer:
         self.progress = Progress()
         self.scored: dict[tuple, float] = {}  # (task, scoring digest, labels) -> accuracy: see evaluate
         self.reused = 0  # evaluations answered from `scored`
+        self.answers: dict[str, dict] = {}  # per task, its latest per-example answers, kept with each checkpoint
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
         self._lambda_now = self._adversarial_weight  # this step's λ (raised over adversarial.ramp_steps)
         self.scoring_seconds = 0.0  # spent scoring test sets and routing (the run's evaluation cost)
@@ -171,10 +173,18 @@ class Trainer:
     def _accuracy(self, task: TaskData) -> float:
         examples = self.test_sets[task.name]
         mine, real = self.world.even_shard(examples)
-        predicted = predict(self.model, self.prompts[task.name], [e.text for e in mine], self.cfg.eval.batch_size,
-                            progress=self.world.main)
-        [correct] = self.world.sum([sum(p == e.label for p, e in zip(predicted[:real], mine))])
-        return correct / len(examples)
+        predicted, sure = rank_labels(self.model, self.prompts[task.name], [e.text for e in mine],
+                                      self.cfg.eval.batch_size, progress=self.world.main)
+        correct = [p == e.label for p, e in zip(predicted[:real], mine)]
+        if not self.world.distributed and not self.model.routing.bypass:  # one process: in the evaluate step's batches
+            self.answers[task.name] = {"model": model_key(self.model, task.name), "correct": correct, "margins": sure[:real],
+                                       "data": examples_key(task.name, task.labels, examples, self.cfg)}
+        [hits] = self.world.sum([sum(correct)])
+        return hits / len(examples)
+
+    def _current_answers(self) -> dict[str, dict]:
+        """The recorded answers that still hold for the model as it is now (see moecl.answer_keys)."""
+        return {t: a for t, a in self.answers.items() if t in self.model.tasks and a["model"] == model_key(self.model, t)}
 
     def _baseline(self) -> list[float]:
         """Accuracy of the bare backbone on every task (adapters bypassed), for forward transfer."""
@@ -228,7 +238,7 @@ class Trainer:
             keep = labels[:, 1:] != IGNORE
             with model.autocast():
                 hidden = model.hidden_states(input_ids, mask)[:, :-1]
-                log_probs = F.log_softmax(model.backbone.get_output_embeddings()(hidden[keep]).float(), dim=-1)
+                log_probs = F.log_softmax(model.vocabulary_logits(hidden[keep]), dim=-1)
             for row, part in zip(chunk, log_probs.split(keep.sum(1).tolist())):
                 row.teacher = part
         model.train(was_training)
@@ -303,15 +313,14 @@ class Trainer:
         stats = {}
         if model.head == "lm":
             hidden = model.hidden_states(input_ids, mask)[:, :-1]
-            output = model.backbone.get_output_embeddings()
             targets = lm_labels[:, 1:]
             keep = targets != IGNORE
-            loss = F.cross_entropy(output(hidden[keep]), targets[keep], reduction="sum") / scale.answers
+            loss = F.cross_entropy(model.vocabulary_logits(hidden[keep]), targets[keep], reduction="sum") / scale.answers
             stats["loss"] = loss.item()
             teachers = [r.teacher for r in memory_rows if r.teacher is not None]
             if teachers:
                 positions = self._distill_mask(memory_rows, mask, supervised)[:, :-1]
-                student = F.log_softmax(output(hidden[positions]).float(), dim=-1)
+                student = F.log_softmax(model.vocabulary_logits(hidden[positions]), dim=-1)
                 teacher = torch.cat(teachers)
                 distill = (teacher.exp() * (teacher - student)).sum() / scale.distilled
                 loss = loss + cfg.retention.distill * distill
@@ -615,7 +624,8 @@ class Trainer:
             log.info("after %s: %s", "+".join(names),
                      " ".join(f"{n}={a:.3f}" for n, a in zip(model.tasks, row) if a is not None))
             if self.world.main:
-                folder = save_checkpoint(model, self.run_dir, self._manifest())
+                folder = save_checkpoint(model, self.run_dir, self._manifest(),
+                                         texts={ANSWERS_FILE: json.dumps(self._current_answers())})
                 shutil.rmtree(self.run_dir / STEP_CHECKPOINT, ignore_errors=True)  # the stage is whole now
                 if self.on_checkpoint:
                     self.on_checkpoint(folder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -49,7 +50,8 @@ def _launcher(tmp_path, **overrides):
 
 def _assert_reused_answers_equal_fresh_ones(tmp_path, tracking_uri, run_id, project):
     """The evaluate step reused the champion's recorded answers for the tasks whose tensors and test
-    data are unchanged (the old tasks, for candidate and champion alike): they equal a fresh scoring."""
+    data are unchanged (the old tasks, for candidate and champion alike) and the train step's own
+    answers for the task it trained: they equal a fresh scoring."""
     import mlflow
 
     from moecl.mlops.versioning import current_version, materialize
@@ -57,7 +59,7 @@ def _assert_reused_answers_equal_fresh_ones(tmp_path, tracking_uri, run_id, proj
     evaluation = mlflow.artifacts.load_dict(f"{MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri}"
                                             "/evaluation/evaluation.json")
     reused = {side: sorted(tasks) for side, tasks in evaluation["reused"].items()}
-    assert reused == {"candidate": ["sentiment", "topics"], "champion": ["sentiment", "topics"]}
+    assert reused == {"candidate": ["animals", "sentiment", "topics"], "champion": ["sentiment", "topics"]}
     dataset = materialize(current_version(project), tmp_path / "fetched")
     cfg = steps.run_config(TINY_TRAINING, dataset, ["topics", "sentiment", "animals"])
     for model, side in (("2", "candidate"), ("1", "champion")):
@@ -67,6 +69,59 @@ def _assert_reused_answers_equal_fresh_ones(tmp_path, tracking_uri, run_id, proj
         assert {t: a["correct"] for t, a in fresh.items()} == evaluation[f"{side}_correct"], side
         assert not any(a["reused"] for a in fresh.values())
 
+
+
+def test_recorded_answers_are_reused_only_under_the_code_that_scored_them(tmp_path, monkeypatch):
+    """The answers a training run scored (kept with its checkpoint) and a champion's recorded answers
+    stand while the test data, settings and answering code are unchanged; after a change to that code
+    (prompt rendering, forward, scoring) the model is loaded and scored again."""
+    from moecl import answer_keys
+    from moecl.trainer import Trainer
+
+    dataset = tmp_path / "data"
+    write_task(dataset / "topics", ["sports", "science", "politics"])
+    cfg = steps.run_config({**TINY_TRAINING, "train": {**TINY_TRAINING["train"], "epochs": 1}}, dataset, ["topics"])
+    Trainer(cfg, tmp_path / "run").run()
+    loads = []
+
+    def checkpoint():
+        loads.append(1)
+        return tmp_path / "run" / "checkpoint"
+
+    fresh = steps._answers(checkpoint, dataset, ["topics"], cfg)
+    assert not fresh["topics"]["reused"] and len(loads) == 1
+    in_training = json.loads((checkpoint() / answer_keys.ANSWERS_FILE).read_text())
+    reused = steps._answers(checkpoint, dataset, ["topics"], cfg, known=in_training)
+    assert reused["topics"]["reused"] and reused["topics"]["correct"] == fresh["topics"]["correct"]
+    assert reused["topics"]["margins"] == fresh["topics"]["margins"]
+    loads.clear()
+    champion = steps._answers(checkpoint, dataset, ["topics"], cfg, known=fresh, known_model=True)
+    assert champion["topics"]["reused"] and not loads  # not even loaded
+    monkeypatch.setattr(answer_keys, "answering_code_digest", lambda: "another version of the code")
+    rescored = steps._answers(checkpoint, dataset, ["topics"], cfg, known=fresh, known_model=True)
+    assert not rescored["topics"]["reused"] and len(loads) == 1
+    assert rescored["topics"]["correct"] == fresh["topics"]["correct"]
+    assert rescored["topics"]["data"] != fresh["topics"]["data"]
+
+
+def test_the_answering_code_digest_changes_with_the_source_of_any_answering_module(tmp_path, monkeypatch):
+    import shutil
+
+    from moecl import answer_keys
+
+    copy = tmp_path / "moecl"
+    copy.mkdir()
+    for name in answer_keys.ANSWERING_MODULES:
+        shutil.copy(Path(answer_keys.__file__).parent / f"{name}.py", copy)
+    monkeypatch.setattr(answer_keys, "__file__", str(copy / "answer_keys.py"))
+    digests = set()
+    for name in (None, *answer_keys.ANSWERING_MODULES):
+        if name:
+            (copy / f"{name}.py").write_text((copy / f"{name}.py").read_text() + "\n# changed\n")
+        answer_keys.answering_code_digest.cache_clear()
+        digests.add(answer_keys.answering_code_digest())
+    answer_keys.answering_code_digest.cache_clear()
+    assert len(digests) == 1 + len(answer_keys.ANSWERING_MODULES)
 
 def _versions(tracking_uri):
     return sorted(int(v.version) for v in MlflowClient(tracking_uri).search_model_versions("name='moecl'"))

@@ -36,6 +36,51 @@ def test_moecl_with_its_discriminator_runs_in_bf16(tmp_path, task_dirs):
     assert all(0.0 <= s["disc_acc"] <= 1.0 for s in metrics["training"][1:])
 
 
+
+def test_logits_and_the_discriminator_stay_fp32_under_bf16(tmp_path, task_dirs):
+    """The scores scoring ranks and the losses training subtracts: fp32 under bf16 autocast, and
+    closer to the fp32 model's logits than the bf16 head's rounding."""
+    trainer = _trainer(tmp_path, task_dirs, "bf16", train={"precision": "bf16", "device": "cpu"})
+    model = trainer.model
+    model.add_task("topics", ["sports", "science", "politics"])
+    model.add_task("sentiment", ["bad", "good"])
+    ids = torch.randint(0, 100, (4, 12))
+    mask = torch.ones_like(ids)
+    model.route(["topics", "sentiment"] * 2, text_mask=mask, adversarial_weight=0.1)
+    with model.autocast():
+        hidden = model.hidden_states(ids, mask)
+        logits = model.vocabulary_logits(hidden)
+        rounded = model.backbone.get_output_embeddings()(hidden)  # the bf16 head
+        disc_loss, _ = model.discriminator_loss()
+    assert logits.dtype == disc_loss.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert all(d.dtype == torch.float32 for d in model.routing.disc_logits)
+    exact = hidden.float() @ model.backbone.get_output_embeddings().weight.float().T
+    assert torch.allclose(logits, exact, atol=1e-4, rtol=0)
+    assert (rounded.float() - exact).abs().max() > (logits - exact).abs().max()
+
+
+def test_the_discriminator_reads_the_shared_experts_small_contribution_accurately_in_bf16(tmp_path, task_dirs):
+    """What the discriminator reads is the shared expert's FFN state minus the base FFN's: a small
+    difference of two large states. Under bf16 it is taken in fp32, so it stays within a few percent
+    of the fp32 model's (rounding both states to bf16 first would leave mostly rounding noise)."""
+    pooled = {}
+    for precision in ("fp32", "bf16"):
+        model = _trainer(tmp_path, task_dirs, precision, train={"precision": precision, "device": "cpu"}).model
+        torch.manual_seed(0)  # the same adapters in both
+        model.add_task("topics", ["sports", "science", "politics"])
+        model.add_task("sentiment", ["bad", "good"])
+        for module in model.ffn_modules():  # a trained-looking shared expert, adding 1e-3 of the base state
+            for lora in module.experts["shared"].values():
+                lora.B.data.normal_(0, 1e-3)
+        ids = torch.randint(0, 100, (4, 12))
+        model.route(["topics", "sentiment"] * 2, text_mask=torch.ones_like(ids), adversarial_weight=0.1)
+        with torch.no_grad(), model.autocast():
+            model.hidden_states(ids, torch.ones_like(ids))
+        pooled[precision] = torch.stack(model.routing.disc_inputs)
+    assert pooled["bf16"].dtype == torch.float32
+    error = (pooled["bf16"] - pooled["fp32"]).norm() / pooled["fp32"].norm()
+    assert 0 < error < 0.05
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, task_dirs):
     grads = []
     for checkpointing in (False, True):

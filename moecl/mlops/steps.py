@@ -12,7 +12,6 @@ only by the steps that use them: importing all three costs each step about 20 s 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Callable
 
 import mlflow
 
+from ..answer_keys import ANSWERS_FILE, examples_key, model_key
 from ..config import TASK_NAME_RULE, Config, config_from_dict, is_task_name
 from ..data import load_task, per_label
 from ..manifest import read_manifest
@@ -336,43 +336,32 @@ def _log_curve(curve: list[dict]) -> None:
 ANSWERS_ARTIFACT = "evaluation/answers.json"  # a candidate's per-example answers, reused once it is champion
 
 
-def _examples_key(task: str, data, examples, settings: Config) -> str:
-    """What a task's answers depend on besides the model: its test examples and the scoring settings."""
-    payload = {"task": task, "examples": [[e.text, data.labels[e.label]] for e in examples], "backbone": settings.backbone,
-               "max_length": settings.train.max_length, "batch_size": settings.eval.batch_size,
-               "precision": settings.train.precision}
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-
-
 def _answers(checkpoint: Callable[[], Path], dataset: Path, tasks: list[str], settings: Config,
              known: dict | None = None, known_model: bool = False) -> dict[str, dict]:
     """Per task, whether each test example (the same ones for every model) is answered right and how
-    sure each answer is (the label margin), with the keys they were computed under: {"model": digest of
-    what the task's answers read, "data": its examples and scoring settings, "correct", "margins"}.
-    An entry of `known` is reused when both keys match; with `known_model` (the champion's own recorded
-    answers) the data key alone decides, so a champion whose answers all stand is not even loaded.
-    `checkpoint` is called for the model's folder only when something must be scored."""
+    sure each answer is (the label margin), with the keys they were computed under (moecl.answer_keys):
+    {"model", "data", "correct", "margins"}. An entry of `known` is reused when both keys match; with
+    `known_model` (the champion's own recorded answers) the data key alone decides, so a champion
+    whose answers all stand is not even loaded. `checkpoint` is called for the model's folder only
+    when something must be scored."""
     from ..checkpoint import load_model
     from ..scoring import rank_labels
 
-    known, model, result = known or {}, None, {}
+    known, result = known or {}, {}
+    model_and_prompts = functools.cache(lambda: load_model(checkpoint())[:2])
     for task in tasks:
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
-        data_key, entry = _examples_key(task, data, examples, settings), known.get(task)
-        if known_model and entry and entry["data"] == data_key:
+        data_key, entry = examples_key(task, data.labels, examples, settings), known.get(task)
+        if entry and entry["data"] == data_key and (
+                known_model or entry["model"] == model_key(model_and_prompts()[0], task)):
             result[task] = {**entry, "reused": True}
             continue
-        if model is None:
-            model, prompts, _ = load_model(checkpoint())
-        model_key = hashlib.sha256((model.scoring_digest(task) + json.dumps(model.labels[task])).encode()).hexdigest()
-        if entry and entry["model"] == model_key and entry["data"] == data_key:
-            result[task] = {**entry, "reused": True}
-            continue
+        model, prompts = model_and_prompts()
         predicted, sure = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
                                       progress=True)
         answers = prompts[task].labels  # by name: a champion may know an older label set of the task
-        result[task] = {"model": model_key, "data": data_key, "reused": False, "margins": sure,
+        result[task] = {"model": model_key(model, task), "data": data_key, "reused": False, "margins": sure,
                         "correct": [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]}
     return result
 
@@ -404,7 +393,10 @@ def evaluate(tracking_uri: str, model_name: str, parent_version: str, run_id: st
     # The champion's answers recorded at its registration: the candidate's tasks that read tensors equal
     # to the champion's (old tasks, frozen) and the champion's own tasks on unchanged test data reuse them.
     recorded = _recorded_answers(tracking_uri, model_name, parent_version) if parent_version else {}
-    candidate_answers = _answers(lambda: candidate_dir, dataset, tasks, cfg, known=recorded)
+    # The train step's own scores of the candidate (the tasks it trained or rescored), kept beside its manifest.
+    scored_in_training = candidate_dir / ANSWERS_FILE
+    trained = json.loads(scored_in_training.read_text()) if scored_in_training.is_file() else {}
+    candidate_answers = _answers(lambda: candidate_dir, dataset, tasks, cfg, known={**recorded, **trained})
     champion_answers = None
     with tempfile.TemporaryDirectory() as scratch:
         fetched = functools.cache(lambda: registry.fetch(tracking_uri, model_name, parent_version, scratch).checkpoint)

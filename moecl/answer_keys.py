@@ -37,10 +37,10 @@ def examples_key(task: str, labels: list[str], examples, settings) -> str:
     return _digest(payload)
 
 
-def model_key(model, task: str) -> str:
+def model_key(model, task: str, labels: list[str]) -> str:
     """What a task's answers depend on in the model: the tensors they read (`scoring_digest`), the
     task's labels and the precision the model computes in."""
-    return _digest({"tensors": model.scoring_digest(task), "labels": model.labels[task], "precision": model.precision})
+    return _digest({"tensors": model.scoring_digest(task), "labels": labels, "precision": model.precision})
 
 
 def _digest(payload: dict) -> str:

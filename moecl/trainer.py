@@ -141,9 +141,9 @@ class Trainer:
         self.prompts = build_prompts(cfg, model.tokenizer, self.tasks)
         self.test_sets = {t.name: per_label(t.test, cfg.eval.max_per_label, cfg.train.seed) for t in self.tasks}
         self.progress = Progress()
-        self.scored: dict[tuple, float] = {}  # (task, scoring digest, labels) -> accuracy: see evaluate
+        self.scored: dict[tuple[str, str], dict] = {}  # answer keys (model, data) -> that scoring: see evaluate
+        self._examples_keys = {t.name: examples_key(t.name, t.labels, self.test_sets[t.name], cfg) for t in self.tasks}
         self.reused = 0  # evaluations answered from `scored`
-        self.answers: dict[str, dict] = {}  # per task, its latest per-example answers, kept with each checkpoint
         self.resuming = False  # run(resume=True): a mid-stage checkpoint of the next stage is continued
         self._lambda_now = self._adversarial_weight  # this step's λ (raised over adversarial.ramp_steps)
         self.scoring_seconds = 0.0  # spent scoring test sets and routing (the run's evaluation cost)
@@ -153,38 +153,43 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, task: TaskData) -> float:
         """Accuracy on the task's test set; each process scores its share and the hits are summed.
-        With `eval.reuse`, an accuracy is reused while the tensors the task's answers read are
-        unchanged (the test set and scoring settings are fixed for the run). The bare backbone
-        (forward transfer's baseline) is scored before the model holds the task at all."""
-        key = (task.name, self.model.scoring_digest(task.name), tuple(task.labels))
+        With `eval.reuse`, an accuracy is reused while the keys of its answers (moecl.answer_keys:
+        the tensors they read, the test set, scoring settings and code) are unchanged: within the
+        run, and from the answers saved with a checkpoint it continues. The bare backbone (forward
+        transfer's baseline) is scored before the model holds the task at all."""
+        key = self._answer_key(task)
         if self.cfg.eval.reuse and key in self.scored:
             self.reused += 1
-            return self.scored[key]
-        self.scored[key] = self._score(task)
-        return self.scored[key]
+        else:
+            self.scored[key] = self._score(task)
+        return self.scored[key]["accuracy"]
 
-    def _score(self, task: TaskData) -> float:
+    def _answer_key(self, task: TaskData) -> tuple[str, str]:
+        return model_key(self.model, task.name, task.labels), self._examples_keys[task.name]
+
+    def _score(self, task: TaskData) -> dict:
+        """{"accuracy"} and, in one process (whose batches are the evaluate step's), the per-example
+        "correct" and "margins" that are saved with the checkpoint."""
         started = time.perf_counter()
-        try:
-            return self._accuracy(task)
-        finally:
-            self.scoring_seconds += time.perf_counter() - started
-
-    def _accuracy(self, task: TaskData) -> float:
         examples = self.test_sets[task.name]
         mine, real = self.world.even_shard(examples)
         predicted, sure = rank_labels(self.model, self.prompts[task.name], [e.text for e in mine],
                                       self.cfg.eval.batch_size, progress=self.world.main)
         correct = [p == e.label for p, e in zip(predicted[:real], mine)]
-        if not self.world.distributed and not self.model.routing.bypass:  # one process: in the evaluate step's batches
-            self.answers[task.name] = {"model": model_key(self.model, task.name), "correct": correct, "margins": sure[:real],
-                                       "data": examples_key(task.name, task.labels, examples, self.cfg)}
         [hits] = self.world.sum([sum(correct)])
-        return hits / len(examples)
+        self.scoring_seconds += time.perf_counter() - started
+        entry = {"accuracy": hits / len(examples)}
+        return entry if self.world.distributed else {**entry, "correct": correct, "margins": sure[:real]}
 
     def _current_answers(self) -> dict[str, dict]:
-        """The recorded answers that still hold for the model as it is now (see moecl.answer_keys)."""
-        return {t: a for t, a in self.answers.items() if t in self.model.tasks and a["model"] == model_key(self.model, t)}
+        """Per task of the model, its per-example answers as the model is now, when this run has them."""
+        answers = {}
+        for name in self.model.tasks:
+            key = self._answer_key(self.task_data[name])
+            entry = self.scored.get(key, {})
+            if "correct" in entry:
+                answers[name] = {"model": key[0], "data": key[1], "correct": entry["correct"], "margins": entry["margins"]}
+        return answers
 
     def _baseline(self) -> list[float]:
         """Accuracy of the bare backbone on every task (adapters bypassed), for forward transfer."""
@@ -556,6 +561,11 @@ class Trainer:
             self.model.add_task(name, manifest["labels"][name])
         load_adapters(self.model, manifest)
         self.progress = Progress(**manifest["progress"])
+        answers = Path(manifest["path"]) / ANSWERS_FILE  # what the checkpoint's own run scored
+        for entry in json.loads(answers.read_text()).values() if answers.is_file() else []:
+            correct = entry["correct"]
+            self.scored[entry["model"], entry["data"]] = {"accuracy": sum(correct) / len(correct), "correct": correct,
+                                                          "margins": entry["margins"]}
 
     def _restore(self, plan: list[list[TaskData]]) -> int:
         """Load the last complete stage's checkpoint; return how many stages it covers."""

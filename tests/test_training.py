@@ -259,6 +259,26 @@ def test_reused_scores_leave_the_accuracy_matrix_as_scoring_everything(tmp_path,
     assert count == reused
 
 
+
+def test_a_run_continuing_a_checkpoint_reuses_the_answers_saved_with_it(tmp_path, task_dirs):
+    """The answers a run scored are saved with its checkpoint (answers.json); a run that continues
+    it (as the pipeline's train step continues the champion) reuses them for the tasks whose tensors,
+    test sets and settings are unchanged, and reports the accuracies scoring again gives."""
+    first_two = {name: task_dirs[name] for name in ("topics", "sentiment")}
+    cfg = load_config(write_config(tmp_path / "champion.yaml", first_two, train={"epochs": 1}))
+    Trainer(cfg, tmp_path / "champion").run()
+    saved = json.loads((tmp_path / "champion" / "checkpoint" / "answers.json").read_text())
+    assert sorted(saved) == ["sentiment", "topics"] and len(saved["topics"]["correct"]) == 9
+    rows = {}
+    for reuse in (True, False):
+        cfg = load_config(write_config(tmp_path / f"next-{reuse}.yaml", task_dirs, train={"epochs": 1},
+                                       eval={"reuse": reuse}))
+        trainer = Trainer(cfg, tmp_path / f"next-{reuse}")
+        rows[reuse] = trainer.extend(read_manifest(tmp_path / "champion"))["accuracy_matrix"][-1], trainer.reused
+    assert rows[True][0] == rows[False][0] and rows[True][1] == 2 and rows[False][1] == 0
+    assert sorted(json.loads((tmp_path / "next-True" / "checkpoint" / "answers.json").read_text())) == [
+        "animals", "sentiment", "topics"]
+
 def test_moecl_nogan_is_moecl_with_a_zero_adversarial_weight(tmp_path, task_dirs):
     """Same memory rows, batches and random draws: every tensor but the discriminators' ends the same."""
     two = {name: task_dirs[name] for name in ("topics", "sentiment")}

@@ -354,14 +354,14 @@ def _answers(checkpoint: Callable[[], Path], dataset: Path, tasks: list[str], se
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
         data_key, entry = examples_key(task, data.labels, examples, settings), known.get(task)
         if entry and entry["data"] == data_key and (
-                known_model or entry["model"] == model_key(model_and_prompts()[0], task)):
+                known_model or entry["model"] == model_key(model_and_prompts()[0], task, model_and_prompts()[0].labels[task])):
             result[task] = {**entry, "reused": True}
             continue
         model, prompts = model_and_prompts()
         predicted, sure = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
                                       progress=True)
         answers = prompts[task].labels  # by name: a champion may know an older label set of the task
-        result[task] = {"model": model_key(model, task), "data": data_key, "reused": False, "margins": sure,
+        result[task] = {"model": model_key(model, task, model.labels[task]), "data": data_key, "reused": False, "margins": sure,
                         "correct": [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]}
     return result
 

@@ -56,11 +56,12 @@ PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "
                "L4": 121.0}
 
 
-def build_backbone(shape: str, device: torch.device, precision: str):
-    """(model, tokenizer): the real SmolLM2, or a random-init model of a named shape, frozen."""
+def build_backbone(shape: str, device: torch.device, precision: str, tokenizer_path: str | None = None):
+    """(model, tokenizer): the real SmolLM2, or a random-init model of a named shape, frozen.
+    `tokenizer_path`: a folder holding SmolLM2's tokenizer (default: the converted backbone's)."""
     if shape == "smollm2-135m":
         return load_backbone(SMOLLM2, str(device), precision)
-    tokenizer = AutoTokenizer.from_pretrained(backbone_path(SMOLLM2))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or backbone_path(SMOLLM2))
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, **SHAPES[shape])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[precision])
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs only)")
+    parser.add_argument("--tokenizer", help="folder with SmolLM2's tokenizer, for the random shapes where the "
+                                            "backbone is not installed (benchmarks/device.sh)")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -135,7 +138,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     lora = LoraConfig()  # r=8, alpha=16, dropout=0.05 on gate/up/down
 
-    backbone, tokenizer = build_backbone(args.shape, device, args.precision)
+    backbone, tokenizer = build_backbone(args.shape, device, args.precision, args.tokenizer)
     batch = fixed_batch(tokenizer, args.batch, args.length, device)
     flops_per_step = model_flops_per_token(backbone, args.length) * args.batch * args.length
     backbone_parameters = sum(p.numel() for p in backbone.parameters())
@@ -148,7 +151,7 @@ def main() -> None:
     shared = count(p for m in moecl.wrapped for p in m.experts[SHARED].parameters())
     gate = count(p for m in moecl.wrapped for p in m.gates["second"].parameters())
 
-    plain_backbone, _ = build_backbone(args.shape, device, args.precision)
+    plain_backbone, _ = build_backbone(args.shape, device, args.precision, args.tokenizer)
     peft_model = get_peft_model(plain_backbone, PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.targets))
     for param in peft_model.parameters():  # fp32 master weights for the adapters, as moecl keeps them

@@ -22,7 +22,6 @@ import contextlib
 import resource
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -31,17 +30,8 @@ from moecl.backbone import DTYPES, SMOLLM2, backbone_path, load_backbone, resolv
 from moecl.config import LoraConfig
 from moecl.data import load_task, per_label
 from moecl.experts import SHARED
-from moecl.model import IGNORE, ContinualModel
+from moecl.model import ContinualModel, answer_loss
 from moecl.prompts import TaskPrompt
-
-def answer_loss(causal_lm, input_ids, attention_mask, labels) -> torch.Tensor:
-    """The peft baseline's loss, as ContinualModel.lm_loss computes it: next-token loss on answer tokens
-    only, the vocabulary projection run only there."""
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    return F.cross_entropy(causal_lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep])
-
 
 DATA = Path(__file__).resolve().parents[1] / "samples" / "mtl5"
 # Llama-architecture shapes (TinyLlama-1.1B, Llama-2-7B) with SmolLM2's tokenizer and vocabulary.
@@ -166,7 +156,7 @@ def main() -> None:
 
     n_first = args.batch - args.batch // 4  # a task-2 batch: 3/4 current rows, 1/4 memory of task 1
     variants = {
-        "peft LoRA": (lambda: answer_loss(causal_lm, *batch[:3]),
+        "peft LoRA": (lambda: answer_loss(causal_lm.base_model, causal_lm.get_output_embeddings(), *batch[:3]),
                       [p for p in peft_model.parameters() if p.requires_grad]),
         "moecl, first task": (lambda: moecl_step(moecl, batch, ["first"] * args.batch), None),
         "moecl, later task + discriminator": (

@@ -37,9 +37,11 @@ def examples_key(task: str, labels: list[str], examples, settings) -> str:
     return _digest(payload)
 
 
-def model_key(model, task: str, labels: list[str]) -> str:
+def model_key(model, task: str, labels: list[str] | None = None) -> str:
     """What a task's answers depend on in the model: the tensors they read (`scoring_digest`), the
-    task's labels and the precision the model computes in."""
+    task's labels (default: the model's; the bare backbone is scored before it holds the task) and
+    the precision the model computes in."""
+    labels = model.labels[task] if labels is None else labels
     return _digest({"tensors": model.scoring_digest(task), "labels": labels, "precision": model.precision})
 
 

@@ -23,6 +23,14 @@ ROUTER_GROUP = "task-router"
 BARE_BACKBONE = "bare backbone"  # the scoring digest of a model that adds nothing to its backbone
 
 
+def answer_loss(base_model, logits, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Next-token loss on answer tokens only: `logits` (a vocabulary head) runs only where needed."""
+    hidden = base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return F.cross_entropy(logits(hidden[keep]), targets[keep])
+
+
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per row, 1 / (rows of its class x classes present): every class weighs the same, and the
     weights sum to 1."""
@@ -200,11 +208,8 @@ class ContinualModel(nn.Module):
         return self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def lm_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """Next-token loss on answer tokens only, with fp32 logits (`vocabulary_logits`)."""
-        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        return F.cross_entropy(self.vocabulary_logits(hidden[keep]), targets[keep])
+        """`answer_loss` with fp32 logits (`vocabulary_logits`)."""
+        return answer_loss(self.backbone.base_model, self.vocabulary_logits, input_ids, attention_mask, labels)
 
     def last_token_states(self, input_ids, attention_mask) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, attention_mask)

@@ -353,15 +353,16 @@ def _answers(checkpoint: Callable[[], Path], dataset: Path, tasks: list[str], se
         data = load_task(task, dataset / task)
         examples = per_label(data.test, settings.eval.max_per_label, settings.train.seed)
         data_key, entry = examples_key(task, data.labels, examples, settings), known.get(task)
-        if entry and entry["data"] == data_key and (
-                known_model or entry["model"] == model_key(model_and_prompts()[0], task, model_and_prompts()[0].labels[task])):
+        stands = entry is not None and entry["data"] == data_key
+        key = None if stands and known_model else model_key(model_and_prompts()[0], task)
+        if stands and (known_model or entry["model"] == key):
             result[task] = {**entry, "reused": True}
             continue
         model, prompts = model_and_prompts()
         predicted, sure = rank_labels(model, prompts[task], [e.text for e in examples], settings.eval.batch_size,
                                       progress=True)
         answers = prompts[task].labels  # by name: a champion may know an older label set of the task
-        result[task] = {"model": model_key(model, task, model.labels[task]), "data": data_key, "reused": False, "margins": sure,
+        result[task] = {"model": key, "data": data_key, "reused": False, "margins": sure,
                         "correct": [answers[p] == data.labels[e.label] for p, e in zip(predicted, examples)]}
     return result
 

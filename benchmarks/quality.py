@@ -66,7 +66,7 @@ def run_one(method: str, seed: int, args, tasks: list[str], baseline: list[float
         "memory": {"per_task": args.memory_per_task, "per_batch": args.memory_per_batch},
         "retention": {"shared": args.retention_shared},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-                  "max_per_label": args.train_per_label, "seed": seed},
+                  "max_per_label": args.train_per_label, "seed": seed, "precision": args.precision},
         "eval": {"max_per_label": args.test_per_label, "batch_size": 16, "forward_transfer": method != "mtl",
                  "every_stage": False, "routing": method == "moecl"},
         "router": {"fit_per_task": args.router_fit if method == "moecl" else 0},
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="train.precision (auto: bf16 on CPUs with bf16 units; the resolved one is recorded per run)")
     parser.add_argument("--adversarial-weight", type=float, default=0.1)
     parser.add_argument("--memory-per-task", type=int, default=16)
     parser.add_argument("--memory-per-batch", type=int, default=2)
@@ -225,6 +227,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("methods", "seeds", "json", "readme", "out", "data", "probe_per_task")}
     record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
+    record["settings"].setdefault("precision", "fp32")  # files written before --precision ran in fp32
     if record["settings"] != settings:
         raise SystemExit(f"{path} holds runs made with other settings {record['settings']}; pass another --json")
     for seed in args.seeds:

@@ -647,7 +647,7 @@ class Trainer:
         progress = self.progress
         fwt_inputs = (progress.before_training, progress.baseline) if self.cfg.eval.forward_transfer else (None, None)
         metrics = summarise(names, progress.matrix, *fwt_inputs, stages=stage_tasks(progress.training, progress.matrix))
-        metrics.update(method=self.cfg.method, chance={n: self.task_data[n].chance for n in names},
+        metrics.update(method=self.cfg.method, precision=self.cfg.train.precision, chance={n: self.task_data[n].chance for n in names},
                        routing_accuracy=progress.routing_accuracy, training=progress.training,
                        train_seconds=round(seconds, 1), scoring_seconds=round(self.scoring_seconds, 1))
         if self.world.main:

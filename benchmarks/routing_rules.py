@@ -1,0 +1,189 @@
+"""Which refusal rule could refuse texts of a task never learned: variants of the router's rule on
+the same texts, leave one task out.
+
+`benchmarks/routing.py` measures the shipped rule (last layer, linear discriminant, per-task
+shrunk Mahalanobis distance, acceptance at a held-out quantile). This script asks whether another
+feature or distance would do better: every layer's mean-pooled state of the bare backbone is
+computed once for routing.py's texts (kept under --cache, so rules are compared without a second
+forward), then for each variant and each MTL5 task left out: the share of its test texts refused,
+and the lowest share of the four known tasks' test texts routed right (the target: at least 80%
+refused while every known task keeps 95%).
+
+Variants: the shipped rule on another layer (`layer`), with another shrinkage (`shrinkage`), and
+a k-nearest-neighbour cosine distance to the task's fit texts on centred, normalised features of
+one or several layers (`knn`, routed to the nearest task).
+
+    python benchmarks/routing_rules.py [--cache runs/routing-rules/features.pt]
+
+Prints a table, writes benchmarks/results/routing-rules.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import moecl.task_router as task_router
+from moecl.config import config_from_dict
+from moecl.prompts import encode_text
+from moecl.trainer import Trainer, router_texts
+
+from precision import cpu  # noqa: E402  (benchmarks/ is the script's folder)
+from routing import TASKS
+
+Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts, layers + 1, hidden)
+
+
+@torch.no_grad()
+def every_layer(model, texts: list[str], budget: int, batch_size: int = 16) -> torch.Tensor:
+    """(texts, layers + 1, hidden): each layer's state (embeddings first, the normed last state
+    last) mean-pooled over the text's tokens, bare backbone: the shipped features are [:, -1]."""
+    tokenizer, rows = model.tokenizer, []
+    model.routing.bypass = True
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids = [encode_text(tokenizer, t, budget) for t in texts[start:start + batch_size]]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+            states = model.backbone.base_model(input_ids=input_ids, attention_mask=mask,
+                                               output_hidden_states=True).hidden_states
+            weight = mask.double().unsqueeze(-1)
+            rows.append(torch.stack([(h.double() * weight).sum(1) / weight.sum(1) for h in states], 1).float())
+    finally:
+        model.routing.bypass = False
+    return torch.cat(rows)
+
+
+def load_features(args) -> Features:
+    if args.cache.is_file():
+        return torch.load(args.cache)
+    cfg = config_from_dict({
+        "backbone": "smollm2-135m-instruct", "method": "moecl", "train": {"max_length": args.max_length},
+        "eval": {"max_per_label": args.test_per_label, "batch_size": 16},
+        "tasks": [{"name": t, "data": str(Path(args.data) / t)} for t in TASKS],
+    }, source="routing_rules")
+    trainer = Trainer(cfg, "unused")
+    features = {}
+    for task in trainer.tasks:
+        fit, held = router_texts(task.train, args.fit_per_task, args.calibrate_per_task, None, 0)
+        test = [e.text for e in trainer.test_sets[task.name]]
+        computed = every_layer(trainer.model, fit + held + test, args.max_length)
+        features[task.name] = {"fit": computed[: len(fit)], "held": computed[len(fit): len(fit) + len(held)],
+                               "test": computed[len(fit) + len(held):]}
+    args.cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(features, args.cache)
+    return features
+
+
+@contextmanager
+def shrinkage(value: float):
+    """The router's shrinkage toward the identity set to `value` (it is read when fitting and when routing)."""
+    saved, task_router.SHRINKAGE = task_router.SHRINKAGE, value
+    try:
+        yield
+    finally:
+        task_router.SHRINKAGE = saved
+
+
+def shipped_rule(features: Features, known: list[str], layer: int, accept: float, shrink: float):
+    """The router's own rule on one layer: task -> predict(split) giving a task or None per text."""
+    router = task_router.TaskRouter()
+    with shrinkage(shrink):
+        for task in known:
+            router.fit(task, features[task]["fit"][:, layer], features[task]["held"][:, layer], accept)
+
+    def predict(task: str) -> list[str | None]:
+        with shrinkage(shrink):
+            return router.predict(features[task]["test"][:, layer])
+
+    return predict
+
+
+def knn_rule(features: Features, known: list[str], layers: list[int], k: int, accept: float):
+    """Nearest task by the cosine distance to its k-th nearest fit text, refused beyond the
+    `accept` quantile of that distance over the task's held-out texts."""
+    centre = {layer: torch.cat([features[t]["fit"][:, layer] for t in known]).double().mean(0) for layer in layers}
+
+    def embed(task: str, split: str) -> torch.Tensor:
+        parts = [F.normalize(features[task][split][:, layer].double() - centre[layer], dim=-1) for layer in layers]
+        return F.normalize(torch.cat(parts, -1), dim=-1)
+
+    banks = {t: embed(t, "fit") for t in known}
+
+    def distance(x: torch.Tensor, task: str) -> torch.Tensor:
+        return 1 - (x @ banks[task].T).topk(k, dim=-1).values[:, -1]
+
+    limits = {t: torch.quantile(distance(embed(t, "held"), t), accept) for t in known}
+
+    def predict(task: str) -> list[str | None]:
+        x = embed(task, "test")
+        distances = torch.stack([distance(x, t) for t in known], 1)
+        nearest, best = distances.argmin(1).tolist(), distances.min(1).values.tolist()
+        return [known[i] if d <= limits[known[i]] else None for i, d in zip(nearest, best)]
+
+    return predict
+
+
+def leave_one_out(features: Features, build) -> dict:
+    result = {}
+    for stranger in TASKS:
+        known = [t for t in TASKS if t != stranger]
+        predict = build(known)
+        refused = predict(stranger).count(None) / len(features[stranger]["test"])
+        right = {t: predict(t).count(t) / len(features[t]["test"]) for t in known}
+        result[stranger] = {"refused": refused, "known_routed_right_min": min(right.values())}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mtl5"))
+    parser.add_argument("--fit-per-task", type=int, default=256)
+    parser.add_argument("--calibrate-per-task", type=int, default=64)
+    parser.add_argument("--test-per-label", type=int, default=50)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--cache", type=Path, default=Path("runs/routing-rules/features.pt"))
+    parser.add_argument("--json", default="benchmarks/results/routing-rules.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    features = load_features(args)
+    last = next(iter(features.values()))["fit"].shape[1] - 1
+    variants = {}
+    for accept in (0.95, 0.99):
+        for layer in (last, last - 1, 24, 20, 16, 12, 8):
+            variants[f"layer {layer}, q{accept}"] = lambda known, l=layer, a=accept: shipped_rule(
+                features, known, l, a, task_router.SHRINKAGE)
+        for shrinkage in (0.01, 0.03, 0.3, 0.6, 0.9):
+            variants[f"layer {last}, shrinkage {shrinkage}, q{accept}"] = lambda known, s=shrinkage, a=accept: shipped_rule(
+                features, known, last, a, s)
+    for layers in ([last], [20], [16, last], [8, 16, 24, last]):
+        for k in (1, 5):
+            variants[f"knn k={k} layers {','.join(map(str, layers))}, q0.95"] = lambda known, ls=layers, kk=k: knn_rule(
+                features, known, ls, kk, 0.95)
+    results = {}
+    name, _ = cpu()
+    print(f"\nleave one task out; refused: the left-out task's test texts; known: lowest share of a known task "
+          f"routed right ({name})\n\n| variant | " + " | ".join(f"{t} refused" for t in TASKS)
+          + " | mean refused | known routed right (lowest) |\n|---|" + "---|" * (len(TASKS) + 2))
+    for label, build in variants.items():
+        rows = leave_one_out(features, build)
+        mean = sum(r["refused"] for r in rows.values()) / len(rows)
+        known = min(r["known_routed_right_min"] for r in rows.values())
+        results[label] = {"tasks": rows, "mean_refused": mean, "known_routed_right_min": known}
+        print(f"| {label} | " + " | ".join(f"{100 * rows[t]['refused']:.1f}" for t in TASKS)
+              + f" | {100 * mean:.1f} | {100 * known:.1f} |", flush=True)
+    meets = [v for v, r in results.items() if min(x["refused"] for x in r["tasks"].values()) >= 0.8
+             and r["known_routed_right_min"] >= 0.95]
+    print(f"\nvariants meeting the target (every left-out task >= 80% refused, known >= 95%): {meets or 'none'}")
+    Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": name,
+                                           "variants": results, "meeting_target": meets}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

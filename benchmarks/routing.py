@@ -36,17 +36,18 @@ def fitted(tasks, features, accept: float) -> TaskRouter:
     return router
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the texts (shared with routing_rules.py)."""
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mtl5"))
     parser.add_argument("--fit-per-task", type=int, default=256)
     parser.add_argument("--calibrate-per-task", type=int, default=64)
-    parser.add_argument("--accept", type=float, default=0.99, help="router.accept_quantile")
     parser.add_argument("--test-per-label", type=int, default=50)
     parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--json", default="benchmarks/results/routing.json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+
+
+def featurise(args, describe) -> dict[str, dict]:
+    """Per task, `describe(model, texts)` of its fit, held-out and test texts, drawn as the trainer
+    draws them."""
     cfg = config_from_dict({
         "backbone": "smollm2-135m-instruct", "method": "moecl",
         "train": {"max_length": args.max_length}, "router": {"fit_per_task": args.fit_per_task},
@@ -54,14 +55,24 @@ def main() -> None:
         "tasks": [{"name": t, "data": str(Path(args.data) / t)} for t in TASKS],
     }, source="routing")
     trainer = Trainer(cfg, "unused")
-    model = trainer.model
     features = {}
     for task in trainer.tasks:
         fit, held = router_texts(task.train, args.fit_per_task, args.calibrate_per_task, None, 0)
         test = [e.text for e in trainer.test_sets[task.name]]
-        computed = text_features(model, fit + held + test, args.max_length, 16)
+        computed = describe(trainer.model, fit + held + test)
         features[task.name] = {"fit": computed[: len(fit)], "held": computed[len(fit): len(fit) + len(held)],
                                "test": computed[len(fit) + len(held):]}
+    return features
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    text_arguments(parser)
+    parser.add_argument("--accept", type=float, default=0.99, help="router.accept_quantile")
+    parser.add_argument("--json", default="benchmarks/results/routing.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    features = featurise(args, lambda model, texts: text_features(model, texts, args.max_length, 16))
 
     router = fitted(TASKS, features, args.accept)
     confusion = {}

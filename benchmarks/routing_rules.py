@@ -29,12 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import moecl.task_router as task_router
-from moecl.config import config_from_dict
 from moecl.prompts import encode_text
-from moecl.trainer import Trainer, router_texts
 
 from precision import cpu  # noqa: E402  (benchmarks/ is the script's folder)
-from routing import TASKS
+from routing import TASKS, featurise, text_arguments
 
 Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts, layers + 1, hidden)
 
@@ -63,19 +61,7 @@ def every_layer(model, texts: list[str], budget: int, batch_size: int = 16) -> t
 def load_features(args) -> Features:
     if args.cache.is_file():
         return torch.load(args.cache)
-    cfg = config_from_dict({
-        "backbone": "smollm2-135m-instruct", "method": "moecl", "train": {"max_length": args.max_length},
-        "eval": {"max_per_label": args.test_per_label, "batch_size": 16},
-        "tasks": [{"name": t, "data": str(Path(args.data) / t)} for t in TASKS],
-    }, source="routing_rules")
-    trainer = Trainer(cfg, "unused")
-    features = {}
-    for task in trainer.tasks:
-        fit, held = router_texts(task.train, args.fit_per_task, args.calibrate_per_task, None, 0)
-        test = [e.text for e in trainer.test_sets[task.name]]
-        computed = every_layer(trainer.model, fit + held + test, args.max_length)
-        features[task.name] = {"fit": computed[: len(fit)], "held": computed[len(fit): len(fit) + len(held)],
-                               "test": computed[len(fit) + len(held):]}
+    features = featurise(args, lambda model, texts: every_layer(model, texts, args.max_length))
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(features, args.cache)
     return features
@@ -143,11 +129,7 @@ def leave_one_out(features: Features, build) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mtl5"))
-    parser.add_argument("--fit-per-task", type=int, default=256)
-    parser.add_argument("--calibrate-per-task", type=int, default=64)
-    parser.add_argument("--test-per-label", type=int, default=50)
-    parser.add_argument("--max-length", type=int, default=96)
+    text_arguments(parser)
     parser.add_argument("--cache", type=Path, default=Path("runs/routing-rules/features.pt"))
     parser.add_argument("--json", default="benchmarks/results/routing-rules.json")
     args = parser.parse_args()

@@ -59,11 +59,15 @@ def every_layer(model, texts: list[str], budget: int, batch_size: int = 16) -> t
 
 
 def load_features(args) -> Features:
+    """The cached features when they were computed for these texts, else computed and cached."""
+    texts = {k: str(getattr(args, k)) for k in ("data", "fit_per_task", "calibrate_per_task", "test_per_label", "max_length")}
     if args.cache.is_file():
-        return torch.load(args.cache)
+        cached = torch.load(args.cache)
+        if cached.get("texts") == texts:
+            return cached["features"]
     features = featurise(args, lambda model, texts: every_layer(model, texts, args.max_length))
     args.cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(features, args.cache)
+    torch.save({"texts": texts, "features": features}, args.cache)
     return features
 
 

@@ -2,7 +2,8 @@
 next to chance, task-free routing accuracy, and the moecl - moecl-nogan difference paired by seed.
 
 Each finished (method, seed) run is written to the JSON at once, so an interrupted benchmark resumes
-where it stopped; `summary` is rebuilt from every run in the file. With --readme, the table between
+where it stopped; `summary` is rebuilt from every run in the file. Several workers may share one file
+(each with its own methods or seeds, e.g. one per core): every write re-reads it under a lock. With --readme, the table between
 `<!-- STEM -->` markers in that file (STEM: the JSON file's name without .json) is replaced.
 
     python benchmarks/quality.py --sequence order1 --seeds 0 1 2 [--methods moecl inc-lora ...]
@@ -10,6 +11,8 @@ where it stopped; `summary` is rebuilt from every run in the file. With --readme
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import re
@@ -192,6 +195,30 @@ def write_readme(path: Path, name: str, text: str) -> None:
     path.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme))
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock beside `path`, so workers that share one results file (each on its own
+    core and methods) never overwrite each other's runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def store(path: Path, record: dict, key: str, metrics: dict) -> dict:
+    """Add one finished run to the file as it is now (re-read under the lock), rebuild the summary and
+    replace the file atomically; returns the record written."""
+    with locked(path):
+        if path.is_file():
+            record = json.loads(path.read_text())
+        record["runs"][key] = metrics
+        record["summary"] = summarise(record["runs"])
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(json.dumps(record, indent=2))
+        staging.replace(path)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mtl5"))
@@ -205,8 +232,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                        help="train.precision (auto: bf16 on CPUs with bf16 units; the resolved one is recorded per run)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                        help="train.precision (the library default auto: bf16 on CPUs with bf16 units; the resolved one is recorded per run)")
     parser.add_argument("--adversarial-weight", type=float, default=0.1)
     parser.add_argument("--memory-per-task", type=int, default=16)
     parser.add_argument("--memory-per-batch", type=int, default=2)
@@ -226,24 +253,24 @@ def main() -> None:
     # The probe measures a run; it changes nothing in it, so runs with and without it are comparable.
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("methods", "seeds", "json", "readme", "out", "data", "probe_per_task")}
-    record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
+    with locked(path):
+        record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
     record["settings"].setdefault("precision", "fp32")  # files written before --precision ran in fp32
     if record["settings"] != settings:
         raise SystemExit(f"{path} holds runs made with other settings {record['settings']}; pass another --json")
     for seed in args.seeds:
         for method in args.methods:
             key = f"{method}/seed{seed}"
+            with locked(path):  # another worker on the same file may have finished runs since
+                record = json.loads(path.read_text()) if path.is_file() else record
             if key in record["runs"]:
                 continue
             measured = [r["baseline"] for k, r in record["runs"].items() if k.endswith(f"/seed{seed}") and r.get("baseline")]
             metrics = run_one(method, seed, args, tasks, measured[0] if measured else None)
-            record["runs"][key] = metrics
-            record["summary"] = summarise(record["runs"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2))
+            record = store(path, record, key, metrics)
             print(f"{key}: AA {100 * metrics['aa']:.1f} in {metrics['wall_seconds']:.0f}s", flush=True)
-    record["summary"] = summarise(record["runs"])
-    path.write_text(json.dumps(record, indent=2))
+    with locked(path):
+        record = json.loads(path.read_text())
     chance = next(iter(record["runs"].values()))["chance"]
     text = (f"{args.sequence} ({' → '.join(tasks)}); {args.backbone}; {args.train_per_label} train / "
             f"{args.test_per_label} test examples per label; {args.epochs} epoch, batch {args.batch_size}, "

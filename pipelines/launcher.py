@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from moecl.backbone import DTYPES
-from moecl.config import config_from_dict
+from moecl.config import TrainConfig, config_from_dict
 from moecl.mlops import registry, steps
 from moecl.mlops.gate import GateThresholds
 from moecl.mlops.lifecycle import heartbeating
@@ -169,8 +169,9 @@ def run_embedded(version: DataVersion, settings: PipelineSettings, workdir: Work
 def step_memory(parameters: float, precision: str) -> dict[str, str]:
     """Memory request and limit of a GPU step for a backbone of `parameters` weights: they are read
     into host memory in the training precision before moving to the GPU; the rest is the Python
-    process, the tokenizer, the data and the MLflow client."""
-    weights = parameters * DTYPES[precision].itemsize / 2**30
+    process, the tokenizer, the data and the MLflow client. `auto` is sized as fp32, the widest type
+    it may resolve to on the node."""
+    weights = parameters * DTYPES["fp32" if precision == "auto" else precision].itemsize / 2**30
     return {"memory_request": f"{math.ceil(weights + 6)}Gi", "memory_limit": f"{math.ceil(1.5 * weights + 8)}Gi"}
 
 
@@ -183,7 +184,7 @@ def cluster_settings(production: "PipelineSettings | None" = None) -> tuple[dict
     the backbone of the settings the runs use, in its precision; a TrainJob runs the pipeline's own image."""
     cluster = yaml.safe_load(CLUSTER.read_text())
     production = production or production_settings()
-    precision = production.training.get("train", {}).get("precision", "fp32")
+    precision = production.training.get("train", {}).get("precision", TrainConfig.precision)
     gpu = {**cluster["gpu"], **step_memory(float(cluster["gpu"]["backbone_parameters"]), precision),
            "cache_claim": cluster.get("cache_claim")}
     train_job = {"image": cluster["image"], "cache_claim": cluster.get("cache_claim"), **cluster["train_job"]}

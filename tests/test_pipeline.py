@@ -20,7 +20,8 @@ TINY_TRAINING = {
     # The tiny model trains at lr 0.02: a stronger adversary diverges. 0.005 per layer over its 2 layers
     # and the joint step alone is the strength this test was written with (0.01 averaged over layers).
     "adversarial": {"weight": 0.005, "inner_steps": 1},
-    "train": {"epochs": 6, "batch_size": 4, "lr": 0.02, "max_length": 64, "seed": 0, "max_grad_norm": 1.0},
+    "train": {"epochs": 6, "batch_size": 4, "lr": 0.02, "max_length": 64, "seed": 0, "max_grad_norm": 1.0,
+              "precision": "fp32"},  # the same arithmetic on every CI CPU (auto resolves per machine)
     "eval": {"batch_size": 8},
 }
 RULES = {"min_rows_per_label_train": 4, "min_rows_per_label_test": 2}

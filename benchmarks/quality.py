@@ -205,6 +205,12 @@ def locked(path: Path):
         yield
 
 
+def load(path: Path, default: dict) -> dict:
+    """The results file as it is now (read under the lock), or `default` where there is none yet."""
+    with locked(path):
+        return json.loads(path.read_text()) if path.is_file() else default
+
+
 def store(path: Path, record: dict, key: str, metrics: dict) -> dict:
     """Add one finished run to the file as it is now (re-read under the lock), rebuild the summary and
     replace the file atomically; returns the record written."""
@@ -253,24 +259,21 @@ def main() -> None:
     # The probe measures a run; it changes nothing in it, so runs with and without it are comparable.
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("methods", "seeds", "json", "readme", "out", "data", "probe_per_task")}
-    with locked(path):
-        record = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
+    record = load(path, {"settings": settings, "runs": {}})
     record["settings"].setdefault("precision", "fp32")  # files written before --precision ran in fp32
     if record["settings"] != settings:
         raise SystemExit(f"{path} holds runs made with other settings {record['settings']}; pass another --json")
     for seed in args.seeds:
         for method in args.methods:
             key = f"{method}/seed{seed}"
-            with locked(path):  # another worker on the same file may have finished runs since
-                record = json.loads(path.read_text()) if path.is_file() else record
+            record = load(path, record)  # another worker on the same file may have finished runs since
             if key in record["runs"]:
                 continue
             measured = [r["baseline"] for k, r in record["runs"].items() if k.endswith(f"/seed{seed}") and r.get("baseline")]
             metrics = run_one(method, seed, args, tasks, measured[0] if measured else None)
             record = store(path, record, key, metrics)
             print(f"{key}: AA {100 * metrics['aa']:.1f} in {metrics['wall_seconds']:.0f}s", flush=True)
-    with locked(path):
-        record = json.loads(path.read_text())
+    record = load(path, record)
     chance = next(iter(record["runs"].values()))["chance"]
     text = (f"{args.sequence} ({' → '.join(tasks)}); {args.backbone}; {args.train_per_label} train / "
             f"{args.test_per_label} test examples per label; {args.epochs} epoch, batch {args.batch_size}, "

@@ -9,9 +9,10 @@ forward), then for each variant and each MTL5 task left out: the share of its te
 and the lowest share of the four known tasks' test texts routed right (the target: at least 80%
 refused while every known task keeps 95%).
 
-Variants: the shipped rule on another layer (`layer`), with another shrinkage (`shrinkage`), and
-a k-nearest-neighbour cosine distance to the task's fit texts on centred, normalised features of
-one or several layers (`knn`, routed to the nearest task).
+Variants: the shipped rule on another layer (`layer`), on several layers side by side (`layers`),
+with another shrinkage (`shrinkage`), fitted on fewer texts (`fit`), with the relative Mahalanobis
+distance (`relative`), and a k-nearest-neighbour cosine distance to the task's fit texts on
+centred, normalised features of one or several layers (`knn`, routed to the nearest task).
 
     python benchmarks/routing_rules.py [--cache runs/routing-rules/features.pt]
 
@@ -81,16 +82,36 @@ def shrinkage(value: float):
         task_router.SHRINKAGE = saved
 
 
-def shipped_rule(features: Features, known: list[str], layer: int, accept: float, shrink: float):
-    """The router's own rule on one layer: task -> predict(split) giving a task or None per text."""
-    router = task_router.TaskRouter()
+def shipped_rule(features: Features, known: list[str], layers: list[int], accept: float, shrink: float,
+                 fit: int | None = None, relative: bool = False):
+    """The router's own rule on one layer's features (or several layers' side by side), fitted on
+    the first `fit` fit texts of each task (all by default): task -> predict(split) giving a task or
+    None per text. `relative`: the distance is the task's Mahalanobis distance minus that under
+    one Gaussian of every known task's fit texts (Ren et al. 2021, arXiv 2106.09022), so directions
+    along which every known text varies count for less than those that set the task apart."""
+    def rows(task: str, split: str) -> torch.Tensor:
+        chosen = features[task][split][:, layers].flatten(1)
+        return chosen[:fit] if split == "fit" else chosen
+
+    router, background = task_router.TaskRouter(), task_router.TaskRouter()
     with shrinkage(shrink):
         for task in known:
-            router.fit(task, features[task]["fit"][:, layer], features[task]["held"][:, layer], accept)
+            router.fit(task, rows(task, "fit"))
+        background.fit("known", torch.cat([rows(t, "fit") for t in known]))
+
+    def distance(task: str, x: torch.Tensor) -> torch.Tensor:
+        own = router.distance(task, x)
+        return own - background.distance("known", x) if relative else own
+
+    with shrinkage(shrink):
+        limits = {t: torch.quantile(distance(t, rows(t, "held")), accept) for t in known}
 
     def predict(task: str) -> list[str | None]:
+        x = rows(task, "test")
         with shrinkage(shrink):
-            return router.predict(features[task]["test"][:, layer])
+            routed = router.predict(x, refuse=False)
+            far = torch.stack([distance(t, x) > limits[t] for t in known], 1)
+        return [None if far[i, known.index(t)] else t for i, t in enumerate(routed)]
 
     return predict
 
@@ -141,13 +162,23 @@ def main() -> None:
     features = load_features(args)
     last = next(iter(features.values()))["fit"].shape[1] - 1
     variants = {}
+    fitted = next(iter(features.values()))["fit"].shape[0]
     for accept in (0.95, 0.99):
         for layer in (last, last - 1, 24, 20, 16, 12, 8):
             variants[f"layer {layer}, q{accept}"] = lambda known, l=layer, a=accept: shipped_rule(
-                features, known, l, a, task_router.SHRINKAGE)
+                features, known, [l], a, task_router.SHRINKAGE)
         for shrinkage in (0.01, 0.03, 0.3, 0.6, 0.9):
             variants[f"layer {last}, shrinkage {shrinkage}, q{accept}"] = lambda known, s=shrinkage, a=accept: shipped_rule(
-                features, known, last, a, s)
+                features, known, [last], a, s)
+        for fit in sorted({256, fitted // 2} - {fitted}):
+            variants[f"layer {last}, fit {fit}, q{accept}"] = lambda known, f=fit, a=accept: shipped_rule(
+                features, known, [last], a, task_router.SHRINKAGE, fit=f)
+        for layers in ([last], [20], [16, last], [8, 16, 24, last]):
+            variants[f"relative, layers {','.join(map(str, layers))}, q{accept}"] = lambda known, ls=layers, a=accept: shipped_rule(
+                features, known, ls, a, task_router.SHRINKAGE, relative=True)
+        for layers in ([16, last], [8, 16, 24, last]):
+            variants[f"layers {','.join(map(str, layers))}, q{accept}"] = lambda known, ls=layers, a=accept: shipped_rule(
+                features, known, ls, a, task_router.SHRINKAGE)
     for layers in ([last], [20], [16, last], [8, 16, 24, last]):
         for k in (1, 5):
             variants[f"knn k={k} layers {','.join(map(str, layers))}, q0.95"] = lambda known, ls=layers, kk=k: knn_rule(

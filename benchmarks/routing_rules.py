@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 import moecl.task_router as task_router
-from moecl.prompts import encode_text
 
 from precision import cpu  # noqa: E402  (benchmarks/ is the script's folder)
 from routing import TASKS, featurise, text_arguments
@@ -42,18 +41,13 @@ Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts
 def every_layer(model, texts: list[str], budget: int, batch_size: int = 16) -> torch.Tensor:
     """(texts, layers + 1, hidden): each layer's state (embeddings first, the normed last state
     last) mean-pooled over the text's tokens, bare backbone: the shipped features are [:, -1]."""
-    tokenizer, rows = model.tokenizer, []
+    rows = []
     model.routing.bypass = True
     try:
-        for start in range(0, len(texts), batch_size):
-            ids = [encode_text(tokenizer, t, budget) for t in texts[start:start + batch_size]]
-            width = max(map(len, ids))
-            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+        for input_ids, mask in task_router.padded_batches(model, texts, budget, batch_size):
             states = model.backbone.base_model(input_ids=input_ids, attention_mask=mask,
                                                output_hidden_states=True).hidden_states
-            weight = mask.double().unsqueeze(-1)
-            rows.append(torch.stack([(h.double() * weight).sum(1) / weight.sum(1) for h in states], 1).float())
+            rows.append(torch.stack([task_router.mean_pool(h, mask) for h in states], 1).float().cpu())
     finally:
         model.routing.bypass = False
     return torch.cat(rows)

@@ -26,6 +26,22 @@ MIN_HELD_OUT = 20  # fewer held-out texts than this give no usable quantile: the
 _GROUP_KEYS = ("count", "mean", "root", "threshold")
 
 
+def padded_batches(model, texts: list[str], budget: int, batch_size: int):
+    """(input_ids, mask) of `texts` encoded without instruction, `batch_size` at a time, right-padded."""
+    pad = model.tokenizer.pad_token_id
+    for start in range(0, len(texts), batch_size):
+        ids = [encode_text(model.tokenizer, t, budget) for t in texts[start:start + batch_size]]
+        width = max(map(len, ids))
+        yield (torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device),
+               torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=model.device))
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) float64 mean of `hidden` over each row's unmasked tokens."""
+    weight = mask.double().unsqueeze(-1)
+    return (hidden.double() * weight).sum(1) / weight.sum(1)
+
+
 @torch.no_grad()
 def text_features(model, texts: list[str], budget: int, batch_size: int = 16) -> torch.Tensor:
     """(len(texts), hidden) mean-pooled last hidden states of the bare backbone over each text."""
@@ -33,16 +49,10 @@ def text_features(model, texts: list[str], budget: int, batch_size: int = 16) ->
     was_bypassed, state.bypass = state.bypass, True
     rows = []
     try:
-        for start in range(0, len(texts), batch_size):
-            ids = [encode_text(model.tokenizer, t, budget) for t in texts[start:start + batch_size]]
-            width = max(map(len, ids))
-            pad = model.tokenizer.pad_token_id
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=model.device)
+        for input_ids, mask in padded_batches(model, texts, budget, batch_size):
             with model.autocast():
                 hidden = model.hidden_states(input_ids, mask)
-            hidden, mask = hidden.double(), mask.double()
-            rows.append((hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True))
+            rows.append(mean_pool(hidden, mask))
     finally:
         state.bypass = was_bypassed
     return torch.cat(rows).cpu()

@@ -91,7 +91,8 @@ def shipped_rule(features: Features, known: list[str], layers: list[int], accept
     with shrinkage(shrink):
         for task in known:
             router.fit(task, rows(task, "fit"))
-        background.fit("known", torch.cat([rows(t, "fit") for t in known]))
+        if relative:
+            background.fit("known", torch.cat([rows(t, "fit") for t in known]))
 
     def distance(task: str, x: torch.Tensor) -> torch.Tensor:
         own = router.distance(task, x)
@@ -154,9 +155,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     features = load_features(args)
-    last = next(iter(features.values()))["fit"].shape[1] - 1
+    fitted, last = next(iter(features.values()))["fit"].shape[:2]
+    last -= 1
     variants = {}
-    fitted = next(iter(features.values()))["fit"].shape[0]
     for accept in (0.95, 0.99):
         for layer in (last, last - 1, 24, 20, 16, 12, 8):
             variants[f"layer {layer}, q{accept}"] = lambda known, l=layer, a=accept: shipped_rule(

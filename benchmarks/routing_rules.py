@@ -12,7 +12,8 @@ refused while every known task keeps 95%).
 Variants: the shipped rule on another layer (`layer`), on several layers side by side (`layers`),
 with another shrinkage (`shrinkage`), fitted on fewer texts (`fit`), with the relative Mahalanobis
 distance (`relative`), with the state of the text's first tokens or its last token beside the mean
-(`opening`, `last`), the mean of several layers' standardised distances (`ensemble`), and a
+(`opening`, `last`), the mean or max of several (layer, pooling) parts' standardised distances
+(`ensemble`), and a
 k-nearest-neighbour cosine distance to the task's fit texts on
 centred, normalised features of one or several layers (`knn`, routed to the nearest task).
 
@@ -37,7 +38,7 @@ from moecl.prompts import special_prefix
 from precision import cpu  # noqa: E402  (benchmarks/ is the script's folder)
 from routing import TASKS, featurise, text_arguments
 
-Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts, layers + 1, hidden)
+Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts, layers + 1, POOLINGS, hidden)
 
 
 POOLINGS = ("mean", "opening", "last")  # over every token / the first OPENING tokens of the text / its last token

@@ -3,7 +3,7 @@
 gradient formed as G^T z (what autograd does for a row-major B) against z^T G (column-major B).
 Prints a markdown table, writes JSON.
 
-    python benchmarks/kernels.py [--repeats 30] [--out benchmarks/results/kernels.json]
+    python benchmarks/lora_kernels.py [--repeats 30] [--out benchmarks/results/lora_kernels.json]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def median_ms(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default="benchmarks/results/kernels.json")
+    parser.add_argument("--out", default="benchmarks/results/lora_kernels.json")
     args = parser.parse_args()
     hidden = torch.randn(TOKENS, WIDTH)
     grad, z = torch.randn(TOKENS, WIDTH), torch.randn(TOKENS, RANK)

@@ -36,7 +36,7 @@ import moecl.task_router as task_router
 from moecl.prompts import special_prefix
 
 from precision import cpu  # noqa: E402  (benchmarks/ is the script's folder)
-from routing import TASKS, featurise, text_arguments
+from routing import TASKS, cached_features, text_arguments
 
 Features = dict[str, dict[str, torch.Tensor]]  # task -> fit/held/test -> (texts, layers + 1, POOLINGS, hidden)
 
@@ -67,20 +67,6 @@ def every_layer(model, texts: list[str], budget: int, batch_size: int = 16) -> t
     finally:
         model.routing.bypass = False
     return torch.cat(rows)
-
-
-def load_features(args) -> Features:
-    """The cached features when they were computed for these texts, else computed and cached."""
-    texts = {k: str(getattr(args, k)) for k in ("data", "fit_per_task", "calibrate_per_task", "test_per_label", "max_length")}
-    texts["poolings"] = f"{POOLINGS}, opening {OPENING}"
-    if args.cache.is_file():
-        cached = torch.load(args.cache)
-        if cached.get("texts") == texts:
-            return cached["features"]
-    features = featurise(args, lambda model, texts: every_layer(model, texts, args.max_length))
-    args.cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"texts": texts, "features": features}, args.cache)
-    return features
 
 
 @contextmanager
@@ -202,11 +188,12 @@ def leave_one_out(features: Features, build) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     text_arguments(parser)
-    parser.add_argument("--cache", type=Path, default=Path("runs/routing-rules/features.pt"))
+    parser.set_defaults(cache=Path("runs/routing-rules/features.pt"))
     parser.add_argument("--json", default="benchmarks/results/routing-rules.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    features = load_features(args)
+    features = cached_features(args, lambda model, texts: every_layer(model, texts, args.max_length),
+                               f"every layer, {POOLINGS}, opening {OPENING}")
     fitted, last = next(iter(features.values()))["fit"].shape[:2]
     last -= 1
     variants = {}

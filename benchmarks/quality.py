@@ -16,7 +16,9 @@ import fcntl
 import json
 import logging
 import re
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,21 +44,27 @@ DERIVED = {
 
 
 def task_folder(task: str, data: Path, out: Path) -> Path:
-    """The folder of a task: a source task in `data`, or a derived one written once under `out`."""
+    """The folder of a task: a source task in `data`, or a derived one written once under `out` (by
+    whichever worker sharing `out` finishes first)."""
     if task not in DERIVED:
         return data / task
     source, mapping = DERIVED[task]
     folder = out / "derived" / task
     if not (folder / "labels.json").is_file():
-        staging = out / "derived" / f".{task}"
-        staging.mkdir(parents=True, exist_ok=True)
+        (out / "derived").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=out / "derived"))  # one per worker
         for split in ("train", "test"):
             rows = [json.loads(line) for line in (data / source / f"{split}.jsonl").read_text().splitlines() if line.strip()]
             kept = [{"text": r["text"], "label": mapping[r["label"]]} for r in rows if r["label"] in mapping]
             (staging / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         (staging / "labels.json").write_text(json.dumps(list(dict.fromkeys(mapping.values()))))
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # another worker sharing `out` built it first
+            shutil.rmtree(staging)
     return folder
+
+
 def run_one(method: str, seed: int, args, tasks: list[str], baseline: list[float] | None) -> dict:
     """One (method, seed) run. `baseline`: the bare backbone's accuracy on this seed's test sets if
     another method already measured it (it depends on neither the method nor training)."""

@@ -4,8 +4,11 @@ script named like an installed package hides that package from every import, tra
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -21,3 +24,29 @@ def test_no_benchmark_script_shadows_an_installed_module():
 def test_the_training_core_imports_with_benchmarks_first_on_the_path():
     code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import moecl.trainer, moecl.scoring"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_workers_sharing_an_out_folder_build_a_derived_task_once(tmp_path, monkeypatch):
+    """quality.py's workers (one per core) may start together: each must get the whole derived task."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from quality import DERIVED, task_folder
+
+    task, (source, mapping) = next(iter(DERIVED.items()))
+    labels = list(mapping)
+    for split in ("train", "test"):
+        rows = [{"text": f"{split} text {i}", "label": labels[i % len(labels)]} for i in range(2000)]
+        (tmp_path / source).mkdir(exist_ok=True)
+        (tmp_path / source / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    start = threading.Barrier(6)
+
+    def build():
+        start.wait()
+        return task_folder(task, tmp_path, tmp_path / "out")
+
+    with ThreadPoolExecutor(6) as pool:
+        folders = [f.result() for f in [pool.submit(build) for _ in range(6)]]
+    assert set(folders) == {tmp_path / "out" / "derived" / task}
+    built = folders[0]
+    assert json.loads((built / "labels.json").read_text()) == list(dict.fromkeys(mapping.values()))
+    assert len((built / "train.jsonl").read_text().splitlines()) == 2000
+    assert sorted(p.name for p in (tmp_path / "out" / "derived").iterdir()) == [task]  # no staging left

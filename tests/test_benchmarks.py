@@ -3,7 +3,7 @@ script named like an installed package hides that package from every import, tra
 (transformers 5.25 imports `kernels`, which once made benchmarks/kernels.py break every benchmark)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import json
 import subprocess
 import sys
@@ -14,10 +14,18 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def installed(name: str) -> bool:
+    """Whether `name` imports from somewhere other than benchmarks/ (sys.modules not consulted: another
+    test may have imported a script)."""
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS]
+    return name in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(name, elsewhere) is not None
+
+
 def test_no_benchmark_script_shadows_an_installed_module():
     scripts = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
     assert scripts, BENCHMARKS
-    shadowing = [name for name in scripts if importlib.util.find_spec(name) is not None]
+    assert installed("json") and installed("transformers")  # the check sees the standard library and site-packages
+    shadowing = [name for name in scripts if installed(name)]
     assert shadowing == [], f"rename these benchmark scripts, installed modules share their names: {shadowing}"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .methods import REGISTRY
+from .methods import DEFAULT, REGISTRY
 
 METHODS = tuple(REGISTRY)
 HEADS = ("lm", "classifier")
@@ -90,7 +90,7 @@ class RouterConfig:
     calibrate_per_task 0 refuses nothing)."""
     fit_per_task: int = 256
     calibrate_per_task: int = 64
-    accept_quantile: float = 0.99
+    accept_quantile: float = 0.995  # moecl.task_router.ACCEPT: why this value
 
 
 @dataclass
@@ -150,7 +150,7 @@ class TaskConfig:
 class Config:
     tasks: list[TaskConfig]
     backbone: str = "smollm2-135m-instruct"
-    method: str = "moecl"
+    method: str = DEFAULT
     head: str = "lm"
     lora: LoraConfig = field(default_factory=LoraConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)

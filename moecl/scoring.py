@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from .data import Example
 from .model import ContinualModel
 from .prompts import TaskPrompt
-from .task_router import text_features
+from .task_router import route
 
 
 def _pad(rows: list[list[int]], value: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +210,7 @@ def answer(model: ContinualModel, prompts: dict[str, TaskPrompt], texts: list[st
     untold = [i for i, t in enumerate(tasks) if not t]
     if untold:
         budget = max(p.max_length for p in prompts.values())
-        routed = model.task_router.predict(text_features(model, [texts[i] for i in untold], budget, batch_size))
+        routed = route(model, [texts[i] for i in untold], budget, batch_size)
         for i, task in zip(untold, routed):
             tasks[i] = task
     known = [i for i, t in enumerate(tasks) if t]

@@ -33,7 +33,7 @@ from .metrics import plot_heatmap, stage_tasks, summarise
 from .model import IGNORE, ContinualModel, balanced_weights
 from .prompts import TaskPrompt
 from .scoring import predict, rank_labels
-from .task_router import MIN_HELD_OUT, text_features
+from .task_router import MIN_HELD_OUT, route, text_features
 
 log = logging.getLogger("moecl")
 LOG_EVERY = 10
@@ -525,6 +525,7 @@ class Trainer:
                 features = text_features(model, fit + held, cfg.train.max_length, cfg.eval.batch_size)
                 model.task_router.fit(task.name, features[: len(fit)], features[len(fit):],
                                       cfg.router.accept_quantile)
+                model.task_router.fit_layouts(task.name, fit, held, cfg.router.accept_quantile)
 
     def routing_accuracy(self) -> dict[str, float]:
         """Per task: the share of its test texts the task-free router sends back to it (each process
@@ -533,8 +534,7 @@ class Trainer:
         for name in self.model.tasks:
             texts = [e.text for e in self.test_sets[name]]
             mine, real = self.world.even_shard(texts)
-            routed = self.model.task_router.predict(
-                text_features(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size))
+            routed = route(self.model, mine, self.cfg.train.max_length, self.cfg.eval.batch_size)
             [hits] = self.world.sum([sum(r == name for r in routed[:real])])
             result[name] = hits / len(texts)
         self.scoring_seconds += time.perf_counter() - started

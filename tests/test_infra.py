@@ -693,12 +693,14 @@ def test_the_pipeline_may_run_trainjobs_in_the_namespace(kdir):
 
 @KDIRS
 def test_the_trigger_runs_the_production_settings_from_a_configmap(kdir):
+    from moecl.methods import DEFAULT
     from pipelines.launcher import SETTINGS, PipelineSettings
 
     objects, _ = rendered(kdir)
     configmap = named(objects, "ConfigMap", "moecl-pipeline-settings")
     production = PipelineSettings.parse(yaml.safe_load(configmap["data"]["settings.yaml"]), "configmap")
     demo = PipelineSettings.load(SETTINGS)
+    assert production.training["method"] == demo.training["method"] == DEFAULT  # one default, everywhere
     assert production.training["backbone"] == cluster()["gpu"]["backbone"]  # what the GPU steps are sized for
     assert production.training["train"].get("max_per_label") != demo.training["train"].get("max_per_label")
     assert production.training["train"]["precision"] == "bf16" and production.training["train"]["gradient_checkpointing"]

@@ -99,3 +99,46 @@ def test_statistics_written_as_full_scatters_still_route_and_refuse_nothing():
     weights, bias = router._discriminant()
     assert torch.allclose(probe @ weights.T + bias, _reference_scores(clouds, probe), rtol=1e-8, atol=1e-8)
     assert None not in router.predict(_cloud(80.0, n=10, seed=5))
+
+
+def test_a_texts_layout_is_the_field_names_that_open_its_lines():
+    from moecl.task_router import text_layout
+
+    assert text_layout("Title: Dow falls\nText: Stocks fell: a lot.") == "Title|Text"
+    assert text_layout("Question text: why?\nBest Answer: because") == "Question text|Best Answer"
+    assert text_layout("the food was great: ask for Tim\nupdate: closed now") == ""  # free text
+
+
+def _templated(layout: str, n: int) -> list[str]:
+    return ["\n".join(f"{field}: words {i}" for field in layout.split("|")) if layout else f"words {i}" for i in range(n)]
+
+
+def test_a_text_laid_out_unlike_its_routed_task_is_refused_however_close_its_content():
+    router = TaskRouter()
+    for seed, (task, layout) in enumerate({"news": "Title|Text", "reviews": ""}.items()):
+        router.fit(task, _cloud(4.0 * seed, n=100, seed=seed), _cloud(4.0 * seed, n=40, seed=10 + seed), 0.99)
+        router.fit_layouts(task, _templated(layout, 100), _templated(layout, 40))
+    typical = torch.stack([torch.full((8,), 0.0), torch.full((8,), 4.0)]).double()  # each task's very centre
+    assert router.predict(typical, layouts=["Title|Text", ""]) == ["news", "reviews"]
+    assert router.predict(typical, layouts=["Text", "Title|Text"]) == [None, None]  # fields, but foreign ones
+    assert router.predict(typical, layouts=["", ""]) == ["news", "reviews"]  # no fields named: the content decides
+    assert router.predict(typical) == ["news", "reviews"]  # no layouts given: the distance alone
+    routed, strange = router.strangeness(typical, layouts=["Title|Text", "Title|Question"])
+    assert routed == ["news", "reviews"] and strange[0] < 1 and strange[1] == float("inf")
+
+    reloaded = TaskRouter()
+    reloaded.load_state_dict(router.state_dict())  # the layouts travel with the statistics
+    assert reloaded.layouts == {"news": ["Title|Text"], "reviews": [""]}
+    assert reloaded.predict(typical, layouts=["Text", "Title|Text"]) == [None, None]
+
+
+def test_a_task_of_mixed_layouts_checks_none_and_a_refit_replaces_its_layouts():
+    router = TaskRouter()
+    router.fit("a", _cloud(0.0))
+    mixed = _templated("Title|Text", 30) + _templated("", 10)
+    router.fit_layouts("a", _templated("Title|Text", 50), mixed)  # a quarter of held-out texts in another layout
+    assert "a" not in router.layouts
+    router.fit_layouts("a", _templated("Title|Text", 50), _templated("Title|Text", 30))
+    assert router.layouts["a"] == ["Title|Text"]
+    router.fit_layouts("a", _templated("Title|Text", 50), _templated("Title|Text", 5))  # too few to tell
+    assert "a" not in router.layouts and router.predict(torch.zeros(1, 8).double(), layouts=["Other"]) == ["a"]

@@ -327,13 +327,27 @@ def test_predict_without_a_task_prints_a_question_mark_for_a_text_of_no_known_ta
     _train(tmp_path, task_dirs, train={"epochs": 1})
     stored = tmp_path / "run" / "checkpoint" / "adapters" / "task-router.safetensors"
     tensors = load_file(stored)
-    far = {k: torch.tensor(-1.0, dtype=torch.float64) if k.endswith(".threshold") else v for k, v in tensors.items()}
+    far = {k: torch.tensor(0.0, dtype=torch.float64) if k.endswith(".threshold") else v for k, v in tensors.items()}
     save_file(far, stored)  # every task now refuses every text: each answer must say so, not guess
     capsys.readouterr()
     assert main(["predict", "--model", str(tmp_path / "run"), "review train 1 charlie: good good good"]) == 0
     assert capsys.readouterr().out == "?\t\n"
     assert main(["predict", "--model", str(tmp_path / "run"), "--task", "sentiment", "review good good"]) == 0
     assert capsys.readouterr().out.strip() in {"bad", "good"}  # a told task is never refused
+
+
+def test_predict_without_a_task_refuses_a_text_laid_out_unlike_every_known_task(tmp_path, capsys):
+    tasks = {"topics": write_task(tmp_path / "data" / "topics", ["sports", "science", "politics"], (24, 2)),
+             "animals": write_task(tmp_path / "data" / "animals", ["cat", "dog", "bird", "fish"], (24, 2), salt="pet ")}
+    _train(tmp_path, tasks, train={"epochs": 1}, router={"fit_per_task": 16, "calibrate_per_task": 24})
+    stored = load_file(tmp_path / "run" / "checkpoint" / "adapters" / "task-router.safetensors")
+    assert {"topics.layouts", "animals.layouts"} <= stored.keys()  # both free text, enough held out to tell
+    capsys.readouterr()
+    text = "pet train 1 golf: cat cat cat cat cat cat"  # an animals training text
+    assert main(["predict", "--model", str(tmp_path / "run"), text]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == "animals"
+    assert main(["predict", "--model", str(tmp_path / "run"), f"Title: pets\nText: {text}"]) == 0
+    assert capsys.readouterr().out == "?\t\n"
 
 
 def test_discriminator_only_steps_move_the_discriminators_and_nothing_else(tmp_path, task_dirs):

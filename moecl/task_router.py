@@ -11,6 +11,7 @@ Routing picks the best of the known tasks even for a text of none of them, so ea
 an acceptance threshold: a quantile of the Mahalanobis distances of held-out texts of that task under
 its own shrunk covariance. A text farther than that from the task it was routed to is refused. The
 distance reads only that task's statistics, so the threshold stays valid when other tasks are added.
+Only these statistics are stored, not the texts, and refitting one task replaces its statistics.
 
 Mean-pooled content cannot tell every new task apart: a product review reads much like a restaurant
 review or a news story. Templated inputs carry a second, sharper signal: their layout, the field
@@ -18,8 +19,7 @@ names that open their lines ("Title:", "Question:", ...). A task whose held-out 
 among its describing texts' (at least the acceptance quantile of them) keeps that set, and a text that
 names fields, but not in one of those layouts, is refused when routed to it. A text that names no
 field (a user who left the template out) is judged by its content alone; a task of mixed layouts
-checks none.
-Only these statistics are stored, not the texts, and refitting one task replaces its statistics.
+checks none. The layouts kept are stored beside the statistics.
 """
 from __future__ import annotations
 

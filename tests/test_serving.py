@@ -117,7 +117,7 @@ def test_a_row_of_no_known_task_is_answered_unknown_task_not_guessed(registered,
     root, _ = registered
     checkpoint = shutil.copytree(root / "run" / "checkpoint", tmp_path / "checkpoint")
     stored = checkpoint / "adapters" / "task-router.safetensors"
-    refusing = {k: torch.tensor(-1.0, dtype=torch.float64) if k.endswith(".threshold") else v
+    refusing = {k: torch.tensor(0.0, dtype=torch.float64) if k.endswith(".threshold") else v
                 for k, v in load_file(stored).items()}
     save_file(refusing, stored)  # every task now refuses every routed text
     served = registry.MoeclPyfunc()

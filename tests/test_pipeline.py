@@ -37,9 +37,10 @@ def project(tmp_path):
     return root
 
 
-def _launcher(tmp_path, **overrides):
-    """(tracking URI, trigger bound to an embedded launcher with these settings)."""
-    settings = PipelineSettings(model_name="moecl", training={**TINY_TRAINING, **overrides.pop("training", {})},
+def _launcher(tmp_path, base: dict = TINY_TRAINING, **overrides):
+    """(tracking URI, trigger bound to an embedded launcher with these settings: `base` training
+    settings, updated by overrides["training"])."""
+    settings = PipelineSettings(model_name="moecl", training={**base, **overrides.pop("training", {})},
                                 validation=RULES, gate={**LENIENT_GATE, **overrides.pop("gate", {})})
     workdir = Workdir(tmp_path / "work")
 
@@ -229,3 +230,37 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
     assert [m["version"] for m in moves] == ["1", "2", "1"]  # who moved champion, and why, every time
     assert moves[0]["by"].startswith("pipeline run ") and "v2 misroutes" in moves[-1]["why"]
     assert main(["rollback", "--workdir", str(tmp_path / "work")]) == 2  # nothing left to roll back to
+
+
+def test_the_default_method_runs_the_pipeline_and_never_moves_a_task_it_does_not_retrain(tmp_path, project):
+    """The shipped default (settings without `method`): every version is trained, registered and tagged
+    with it; a task whose data did not change keeps its adapter to the bit, a task whose data changed
+    is retrained."""
+    from safetensors.torch import load_file
+
+    from moecl.methods import DEFAULT
+
+    default = {key: value for key, value in TINY_TRAINING.items() if key not in ("method", "adversarial")}
+    tracking_uri, launch = _launcher(tmp_path, base=default)
+    snapshot(project)
+    launch(project)
+    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
+    snapshot(project)
+    launch(project)
+    write_task(project / "data" / "topics", ["sports", "science", "politics"], per_label=(7, 3))  # one more row a label
+    snapshot(project)
+    launch(project)
+    client = MlflowClient(tracking_uri)
+    assert [client.get_model_version("moecl", v).tags["method"] for v in "123"] == [DEFAULT] * 3
+    assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "3"
+
+    def expert(version: str, task: str) -> dict:
+        checkpoint = registry.fetch(tracking_uri, "moecl", version, tmp_path / f"model-{version}").checkpoint
+        return load_file(checkpoint / "adapters" / f"expert-{task}.safetensors")
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    assert same(expert("1", "sentiment"), expert("3", "sentiment"))  # trained in v1 only
+    assert same(expert("2", "animals"), expert("3", "animals"))
+    assert not same(expert("2", "topics"), expert("3", "topics"))  # its data changed in v3

@@ -195,6 +195,15 @@ def test_new_data_versions_flow_through_to_champion(tmp_path, project, capfd):
     assert untold[0] in {"cat", "dog", "bird", "fish"}
 
 
+def _launch_two_versions(project, launch) -> None:
+    """v1: the project's two tasks; v2: animals added."""
+    snapshot(project)
+    launch(project)
+    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
+    snapshot(project)
+    launch(project)
+
+
 def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, project):
     # With the default shared-expert snapshots a new task cannot reach the old ones at all; the live
     # shared expert (the paper's design) can, which is what this gate test needs.
@@ -202,11 +211,7 @@ def test_gate_rejects_a_forgetting_candidate_and_rollback_restores(tmp_path, pro
     # its old tasks only while nothing but the task loss moves it.
     live = {**TINY_TRAINING, "retention": {"shared": "live"}, "adversarial": {"weight": 0.0}}
     tracking_uri, launch = _launcher(tmp_path, training=live)
-    snapshot(project)
-    launch(project)
-    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
-    snapshot(project)
-    launch(project)
+    _launch_two_versions(project, launch)
     assert registry.alias_version(tracking_uri, "moecl", registry.CHAMPION) == "2"
 
     # A deliberately harmful run: a huge learning rate wrecks the live shared expert every task reads.
@@ -242,11 +247,7 @@ def test_the_default_method_runs_the_pipeline_and_never_moves_a_task_it_does_not
 
     default = {key: value for key, value in TINY_TRAINING.items() if key not in ("method", "adversarial")}
     tracking_uri, launch = _launcher(tmp_path, base=default)
-    snapshot(project)
-    launch(project)
-    write_task(project / "data" / "animals", ["cat", "dog", "bird", "fish"], salt="pet ")
-    snapshot(project)
-    launch(project)
+    _launch_two_versions(project, launch)
     write_task(project / "data" / "topics", ["sports", "science", "politics"], per_label=(7, 3))  # one more row a label
     snapshot(project)
     launch(project)
